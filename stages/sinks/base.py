@@ -1,0 +1,80 @@
+"""Sinks write records and double as the resume ledger.
+
+A record is a plain dict with the fields ``key``, ``source``, ``width``, ``height``,
+``labels`` (list of ``{"label", "label_en", "class_id", "score"}``, best first),
+``model``, ``elapsed_ms`` and ``error`` (``None`` or ``{"type", "message"}``).
+
+Contract: ``open()`` repairs what a crash may have left (a torn last line, a
+half-written transaction) and returns the keys already written; after
+``write(records)`` returns, those records survive a ``kill -9`` of the process.
+The output file itself is the ledger: a key is done once its record is in it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Iterable
+
+from wanwu.errors import ConfigError
+from wanwu.registry import Registry
+
+Record = dict[str, Any]
+
+RECORD_FIELDS = ("key", "source", "width", "height", "labels", "model", "elapsed_ms", "error")
+
+
+class Sink(ABC):
+    """Base of every sink."""
+
+    kind: ClassVar[str] = "base"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._closed = False
+
+    @abstractmethod
+    def open(self) -> set[str]:
+        """Create or repair the output; return the keys it already holds."""
+
+    @abstractmethod
+    def write(self, records: Iterable[Record]) -> None:
+        """Append records durably (flushed to the OS before returning)."""
+
+    def close(self) -> None:
+        """Flush and close. Safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    def _close(self) -> None:
+        """Hook for subclasses holding resources."""
+
+    @classmethod
+    @abstractmethod
+    def read_records(cls, path: str) -> list[Record]:
+        """Every record in ``path`` (for tests, tools and `wanwu` summaries)."""
+
+
+SINKS: Registry[Sink] = Registry("sink")
+SINKS.register("jsonl", "wanwu.stages.sinks.jsonl:JsonlSink")
+SINKS.register("sqlite", "wanwu.stages.sinks.sqlite:SqliteSink")
+
+
+def sink_kind(path: str) -> str:
+    """``jsonl`` for ``.jsonl``/``.ndjson``/``.json``, ``sqlite`` for ``.sqlite``/``.db``/``.sqlite3``."""
+    lower = path.lower()
+    if lower.endswith((".jsonl", ".ndjson", ".json")):
+        return "jsonl"
+    if lower.endswith((".sqlite", ".sqlite3", ".db")):
+        return "sqlite"
+    raise ConfigError(f"expected an output ending in .jsonl or .sqlite, got {path!r}")
+
+
+def create_sink(path: str) -> Sink:
+    """The sink for an output path, chosen by its extension."""
+    return SINKS.create(sink_kind(path), path)
+
+
+def read_records(path: str) -> list[Record]:
+    """Every record in the output at ``path``."""
+    return SINKS.get(sink_kind(path)).read_records(path)

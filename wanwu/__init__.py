@@ -1,0 +1,12 @@
+"""wanwu (万物): high-throughput streaming image recognition with Chinese labels.
+
+The package is laid out by architecture:
+
+* ``wanwu.stages``: what each step does (sources, decoders, engines, models, sinks),
+  knowing nothing of processes;
+* ``wanwu.pipeline``: how stages are wired into processes, sockets and shared memory;
+* ``wanwu.kernels``: array kernels (CPU reference now, CUDA later);
+* ``wanwu`` itself holds only the shared vocabulary: errors and specs.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from wanwu.pipeline.cli import main
+
+raise SystemExit(main())
