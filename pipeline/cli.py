@@ -1,0 +1,159 @@
+"""The ``wanwu`` command line.
+
+Exit status: 0 every input recognised, 3 finished with some error records,
+2 bad usage, 1 the job could not run, 130 interrupted (Ctrl-C / SIGTERM; run
+the same command again to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from wanwu import __version__
+from wanwu.errors import ConfigError, WanwuError
+from wanwu.pipeline.config import JobConfig, cpu_count, default_decoders
+from wanwu.stages.decoders.base import DEFAULT_MAX_PIXELS
+
+logger = logging.getLogger("wanwu")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SOME_ERRORS = 0, 1, 2, 3
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="recognise every image in folders, LMDB archives or path lists",
+        description="Stream images through loader, decoder and inference processes and write one "
+        "record per input. Running the same command again resumes where a previous run stopped.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="a folder (searched recursively), an LMDB archive made by `wanwu pack`, or @list.txt")
+    p.add_argument("--out", "-o", required=True,
+                   help="results.jsonl or results.sqlite; also the resume ledger")
+    p.add_argument("--model", default="efficientnet_lite0", help="registered model name")
+    p.add_argument("--engine", default="auto", choices=["auto", "openvino", "torch", "onnxruntime"],
+                   help="inference engine; auto picks the fastest installed for the device")
+    p.add_argument("--decoder", default="auto", choices=["auto", "turbo", "dali"],
+                   help="turbo: libjpeg-turbo with DCT-domain downscaling (fastest on CPU); dali: NVIDIA DALI")
+    p.add_argument("--decoders", type=_positive_int, default=default_decoders(),
+                   help=f"decoder processes (this machine has {cpu_count()} cores)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per inference call")
+    p.add_argument("--top-k", type=_positive_int, default=5, help="labels per record")
+    p.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+                   help="refuse images with more pixels than this before decoding them (decompression bombs)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto uses bf16 where the hardware supports it")
+    p.add_argument("--threads", type=int, default=0, help="inference threads (0: all cores)")
+    p.add_argument("--progress", default="auto", choices=["auto", "bar", "log", "none"],
+                   help="bar on a terminal, log lines otherwise")
+    p.set_defaults(func=_cmd_run)
+
+
+def _add_pack(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pack", help="pack a folder of images into an LMDB archive",
+        description="Store every image under its relative name (UTF-8 key, encoded bytes value).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="folders or @list.txt")
+    p.add_argument("out", metavar="OUT.lmdb", help="archive to create")
+    p.add_argument("--resize-shorter", type=_positive_int, default=None,
+                   help="store JPEGs resized so the shorter side is N (only images larger than that)")
+    p.add_argument("--quality", type=_positive_int, default=90, help="JPEG quality when resizing")
+    p.add_argument("--workers", type=int, default=0, help="resizing processes (0: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing archive")
+    p.set_defaults(func=_cmd_pack)
+
+
+def _add_show(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("show", help="print the records of a results file as a table")
+    p.add_argument("results", help="results.jsonl or results.sqlite")
+    p.add_argument("--top", type=_positive_int, default=3, help="labels per image to show")
+    p.set_defaults(func=_cmd_show)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wanwu", description="万物识别: streaming image recognition with Chinese labels.")
+    parser.add_argument("--version", action="version", version=f"wanwu {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    _add_pack(sub)
+    _add_show(sub)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from wanwu.pipeline.job import run_job
+
+    cfg = JobConfig(
+        inputs=tuple(args.inputs), out=args.out, model=args.model, engine=args.engine, decoder=args.decoder,
+        decoders=args.decoders, batch_size=args.batch_size, top_k=args.top_k, max_pixels=args.max_pixels,
+        device=args.device, precision=args.precision, threads=args.threads, progress=args.progress,
+    )
+    for location in cfg.inputs:
+        from wanwu.stages.sources.base import source_kind
+
+        source_kind(location)  # fail fast on a bad input, before starting processes
+    result = run_job(cfg)
+    print(result.summary(args.out), file=sys.stderr)
+    return result.exit_code
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from wanwu.pipeline.pack import pack
+
+    stats = pack(list(args.inputs), args.out, resize_shorter=args.resize_shorter, quality=args.quality,
+                 workers=args.workers, overwrite=args.overwrite)
+    print(f"wanwu: packed {stats.images} images ({stats.bytes_in / 1e6:.1f} MB -> {stats.bytes_out / 1e6:.1f} MB) "
+          f"into {args.out} in {stats.seconds:.1f} s", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from wanwu.stages.sinks.base import read_records
+
+    if not os.path.exists(args.results):
+        raise ConfigError(f"expected a results file, got {args.results!r} which does not exist")
+    for rec in read_records(args.results):
+        if rec["error"]:
+            print(f"{rec['key']}\t错误 error: {rec['error']['type']}: {rec['error']['message']}")
+        else:
+            labels = "；".join(f"{l['label']} ({l['label_en'].split(',')[0]}) {l['score']:.1%}"
+                              for l in rec["labels"][: args.top])
+            print(f"{rec['key']}\t{rec['width']}x{rec['height']}\t{labels}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        os.environ["WANWU_LOG_LEVEL"] = logging.getLevelName(level)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"wanwu: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except WanwuError as exc:
+        print(f"wanwu: failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("wanwu: interrupted", file=sys.stderr)
+        return 130

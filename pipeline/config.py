@@ -1,0 +1,65 @@
+"""The job's configuration: one frozen dataclass, validated once, passed explicitly."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from wanwu.errors import ConfigError
+from wanwu.stages.decoders.base import DEFAULT_MAX_PIXELS
+
+
+def cpu_count() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_decoders() -> int:
+    """Decoder processes: all cores but the one the inference process mostly needs."""
+    return max(1, cpu_count() - 1)
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything ``wanwu run`` needs."""
+
+    inputs: tuple[str, ...]  # folders, LMDB archives, or @list.txt files
+    out: str  # results.jsonl or results.sqlite; also the resume ledger
+    model: str = "efficientnet_lite0"  # registered model name
+    engine: str = "auto"  # auto | openvino | torch | onnxruntime
+    decoder: str = "auto"  # auto | turbo | dali
+    decoders: int = field(default_factory=default_decoders)  # decoder processes
+    batch_size: int = 32  # images per inference call
+    top_k: int = 5  # labels per record
+    max_pixels: int = DEFAULT_MAX_PIXELS  # refuse larger images (decompression bombs)
+    device: str = "cpu"  # "cpu" or "cuda:N"
+    precision: str = "auto"  # auto | bf16 | fp32
+    threads: int = 0  # inference threads, 0 = all cores
+    slots: int = 0  # shared-memory frame slots, 0 = sized from batch size and decoders
+    max_wait_ms: float = 50.0  # run a partial batch after the input stream pauses this long
+    progress: str = "auto"  # auto | bar | log | none
+    log_interval_s: float = 10.0  # between progress lines when not on a terminal
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ConfigError("expected at least one input folder, archive or @list.txt")
+        positive = {"decoders": self.decoders, "batch_size": self.batch_size, "top_k": self.top_k,
+                    "max_pixels": self.max_pixels}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.progress not in ("auto", "bar", "log", "none"):
+            raise ConfigError(f"--progress must be auto, bar, log or none, got {self.progress!r}")
+        if self.slots and self.slots < self.batch_size + self.decoders:
+            raise ConfigError(
+                f"--slots must be at least batch size + decoders ({self.batch_size + self.decoders}), got {self.slots}"
+            )
+
+    @property
+    def slots_per_decoder(self) -> int:
+        """Each decoder owns a fixed share of slots: a decoder writes only into a slot it holds."""
+        total = self.slots or 2 * self.batch_size + 2 * self.decoders
+        return max(2, -(-total // self.decoders))

@@ -1,0 +1,99 @@
+"""ZeroMQ plumbing: where each socket lives and how it is opened.
+
+Every socket is ``ipc://`` in the job's private folder. Binders and connecters
+may start in any order (ZeroMQ reconnects). High-water marks are small so that
+encoded bytes in flight stay bounded whatever the job size.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from wanwu.pipeline.shm import pid_alive
+
+JOB_DIR_PREFIX = "wanwu-job-"
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """The job's socket addresses (all under one private folder)."""
+
+    root: str  # the job's private folder
+
+    def _ipc(self, name: str) -> str:
+        return f"ipc://{os.path.join(self.root, name)}"
+
+    @property
+    def work(self) -> str:  # loader PUSH (bind) -> decoders PULL
+        return self._ipc("work")
+
+    @property
+    def decoded(self) -> str:  # decoders PUSH -> inference PULL (bind)
+        return self._ipc("decoded")
+
+    def release(self, decoder: int) -> str:  # inference PUSH -> decoder i PULL (bind)
+        return self._ipc(f"release-{decoder}")
+
+    @property
+    def records(self) -> str:  # every stage PUSH -> sink PULL (bind)
+        return self._ipc("records")
+
+    @property
+    def events(self) -> str:  # every worker PUSH -> owner PULL (bind)
+        return self._ipc("events")
+
+    @property
+    def control(self) -> str:  # owner PUB (bind) -> every worker SUB
+        return self._ipc("control")
+
+
+def make_job_dir() -> str:
+    """A private folder for the job's sockets, named after this process."""
+    return tempfile.mkdtemp(prefix=f"{JOB_DIR_PREFIX}{os.getpid()}-")
+
+
+def reclaim_stale_job_dirs() -> list[str]:
+    """Remove socket folders of jobs whose owner process is gone."""
+    removed = []
+    for entry in Path(tempfile.gettempdir()).glob(f"{JOB_DIR_PREFIX}*"):
+        pid = entry.name[len(JOB_DIR_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(str(entry))
+    return removed
+
+
+def socket(ctx: zmq.Context, kind: int, addr: str, *, bind: bool, hwm: int = 1000) -> zmq.Socket:
+    """Open a socket with bounded queues that does not block the process on close."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    if kind == zmq.SUB:
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+    (sock.bind if bind else sock.connect)(addr)
+    return sock
+
+
+def send(sock: zmq.Socket, msg: object, payload: bytes | memoryview | None = None, flags: int = 0) -> None:
+    """Send a pickled message, followed by a raw payload frame if given."""
+    from wanwu.pipeline.messages import dumps
+
+    if payload is None:
+        sock.send(dumps(msg), flags)
+    else:
+        sock.send_multipart([dumps(msg), payload], flags, copy=False)
+
+
+def recv(sock: zmq.Socket, flags: int = 0) -> tuple[object, zmq.Frame | None]:
+    """Receive ``(message, payload frame or None)``."""
+    from wanwu.pipeline.messages import loads
+
+    frames = sock.recv_multipart(flags, copy=False)
+    return loads(frames[0].buffer), (frames[1] if len(frames) > 1 else None)
