@@ -165,6 +165,7 @@ class Job:
                         self.result.total = event.data["total"]
                         progress.update(self.result.ok, self.result.errors, self.result.total)
                         if event.kind == "done":
+                            progress.finish(self.result.ok, self.result.errors, self.result.total)
                             self.result.status = "finished"
                             return
                     elif event.kind == "fatal":

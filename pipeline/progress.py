@@ -33,7 +33,7 @@ class Progress:
         self.log_interval_s = log_interval_s
         self.skipped = skipped
         self.t0 = time.perf_counter()
-        self._last_draw = 0.0
+        self._last_draw = self.t0  # first line after one interval: short jobs print only the summary
         self._last_line = ""
 
     def update(self, ok: int, errors: int, total: int | None) -> None:
@@ -72,6 +72,11 @@ class Progress:
             self.stream.write(line + "\n")
         self._last_line = line
         self.stream.flush()
+
+    def finish(self, ok: int, errors: int, total: int | None) -> None:
+        """Draw the final state of the bar (log mode leaves that to the summary)."""
+        if self.mode == "bar":
+            self._draw(self.line(ok, errors, total, time.perf_counter() - self.t0))
 
     def close(self) -> None:
         """End the bar's line. Safe to call twice."""

@@ -107,6 +107,7 @@ class Worker(ABC):
                 self.pool = SlotPool.attach(self.spec.pool_path, self.spec.frame, self.spec.n_slots)
             self.emit("attached")
             self._setup()
+            self._t_start = time.perf_counter()  # busy share counts from here, not from imports
             self.emit("ready")
             self._loop()
         except Exception as exc:  # report any failure to the owner, who ends the job

@@ -1,0 +1,153 @@
+"""Crashes and interruptions: kill -9 at any point, Ctrl-C, and resuming to exactly one record each."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import make_corpus, run_wanwu, wanwu_cmd
+from wanwu.pipeline.shm import shm_dir
+from wanwu.stages.sinks.base import read_records
+
+pytestmark = pytest.mark.slow
+
+N_IMAGES = 160
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, photos) -> tuple[Path, list[str]]:
+    folder = tmp_path_factory.mktemp("corpus")
+    return folder, make_corpus(folder, photos, N_IMAGES)
+
+
+def children_of(pid: int) -> dict[int, str]:
+    """pid -> command line of the live processes whose parent is ``pid``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            state = stat.rsplit(")", 1)[1].split()[0]
+            if ppid == pid and state != "Z":
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def count_lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def start(folder: Path, out: Path, *extra: str) -> subprocess.Popen:
+    # A session of its own, so a signal to its group reaches the whole job as Ctrl-C would.
+    return subprocess.Popen(
+        wanwu_cmd("run", str(folder), "--out", str(out), "--progress", "none", "--batch-size", "8", *extra),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+
+def wait_for_records(proc: subprocess.Popen, out: Path, n: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while count_lines(out) < n:
+        assert proc.poll() is None, f"job ended early: {proc.communicate()}"
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.05)
+
+
+def segments_of(pid: int) -> list[str]:
+    return [p.name for p in shm_dir().glob(f"wanwu-{pid}-*")]
+
+
+def assert_exactly_once(out: Path, keys: list[str]) -> None:
+    counts = Counter(r["key"] for r in read_records(str(out)))
+    assert set(counts) == set(keys)
+    assert max(counts.values()) == 1
+
+
+def test_stages_run_as_separate_processes(corpus, tmp_path):
+    folder, keys = corpus
+    out = tmp_path / "r.jsonl"
+    proc = start(folder, out, "--decoders", "2")
+    wait_for_records(proc, out, 8)
+    roles = Counter(cmd.split("wanwu.pipeline.worker", 1)[1].split()[0]
+                    for cmd in children_of(proc.pid).values() if "wanwu.pipeline.worker" in cmd)
+    proc.communicate(timeout=300)
+    assert roles == {"loader": 1, "decoder": 2, "inference": 1, "sink": 1}
+    assert proc.returncode == 0
+    assert_exactly_once(out, keys)
+
+
+@pytest.mark.parametrize("when", [0.0, 1.5, "records"])
+def test_kill_9_of_the_whole_job_then_resume(corpus, tmp_path, when):
+    folder, keys = corpus
+    out = tmp_path / "r.sqlite" if when == 1.5 else tmp_path / "r.jsonl"
+    proc = start(folder, out)
+    if when == "records":
+        wait_for_records(proc, out, 40)
+    else:
+        time.sleep(when)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.2)
+    done_before = len(read_records(str(out))) if out.exists() else 0
+    again = run_wanwu("run", str(folder), "--out", str(out), "--progress", "none")
+    assert again.returncode == 0, again.stderr
+    assert_exactly_once(out, keys)
+    assert segments_of(proc.pid) == [], "a killed job's shared memory must not stay in /dev/shm"
+    if when == "records":
+        assert done_before >= 40 and f"{done_before} already done" in again.stderr
+
+
+def test_kill_9_of_the_owner_leaves_no_orphans(corpus, tmp_path):
+    folder, keys = corpus
+    out = tmp_path / "r.jsonl"
+    proc = start(folder, out)
+    wait_for_records(proc, out, 8)
+    workers = children_of(proc.pid)
+    assert len(workers) >= 4
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in workers):
+        assert time.monotonic() < deadline, "workers outlived their owner"
+        time.sleep(0.1)
+    again = run_wanwu("run", str(folder), "--out", str(out), "--progress", "none")
+    assert again.returncode == 0, again.stderr
+    assert_exactly_once(out, keys)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
+def test_ctrl_c_stops_cleanly_and_resumes(corpus, tmp_path):
+    folder, keys = corpus
+    out = tmp_path / "r.jsonl"
+    proc = start(folder, out)
+    wait_for_records(proc, out, 16)
+    workers = children_of(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert not any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in workers)
+    assert segments_of(proc.pid) == []
+    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"wanwu-job-{proc.pid}-*"))
+    again = run_wanwu("run", str(folder), "--out", str(out), "--progress", "none")
+    assert again.returncode == 0, again.stderr
+    assert_exactly_once(out, keys)

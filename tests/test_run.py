@@ -1,0 +1,177 @@
+"""End to end: the real CLI, real processes, sockets, shared memory, model and photos."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import (CAT_CLASSES, COFFEE_CLASSES, make_corpus, run_wanwu, wanwu_cmd, write_hostile,
+                      write_photos)
+from wanwu.pipeline.shm import shm_dir
+from wanwu.stages.sinks.base import read_records
+
+pytestmark = pytest.mark.slow
+
+
+def records_by_key(path: Path) -> dict[str, dict]:
+    records = read_records(str(path))
+    counts = Counter(r["key"] for r in records)
+    doubled = [k for k, c in counts.items() if c > 1]
+    assert not doubled, f"keys written more than once: {doubled[:5]}"
+    return {r["key"]: r for r in records}
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory: pytest.TempPathFactory, photos) -> tuple[Path, dict, dict]:
+    folder = tmp_path_factory.mktemp("mixed") / "照片 photos"
+    good = write_photos(folder, photos)
+    bad = write_hostile(folder / "bad", photos)
+    (folder / "README.txt").write_text("not picked up: not an image extension")
+    return folder, good, {f"bad/{k}": v for k, v in bad.items()}
+
+
+@pytest.fixture(scope="module")
+def folder_run(mixed_folder, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    folder, _, _ = mixed_folder
+    out = tmp_path_factory.mktemp("out") / "results.jsonl"
+    return run_wanwu("run", str(folder), "--out", str(out), "--progress", "log"), out
+
+
+def test_mixed_folder_gives_one_record_per_file_and_exit_3(folder_run, mixed_folder):
+    proc, out = folder_run
+    _, good, bad = mixed_folder
+    assert proc.returncode == 3, proc.stderr
+    recs = records_by_key(out)
+    assert set(recs) == set(good) | set(bad)
+    for key, photo in good.items():
+        rec = recs[key]
+        assert rec["error"] is None, rec
+        top = rec["labels"][0]["class_id"]
+        if photo == "chelsea":
+            assert top in CAT_CLASSES, rec["labels"]
+        if photo == "coffee":
+            assert top in COFFEE_CLASSES, rec["labels"]
+    for key, err_type in bad.items():
+        assert recs[key]["error"]["type"] == err_type, recs[key]
+        assert recs[key]["labels"] == []
+
+
+def test_records_have_the_documented_fields(folder_run):
+    _, out = folder_run
+    text = out.read_text(encoding="utf-8")
+    assert "猫" in text or "咖啡" in text, "Chinese labels must be written unescaped"
+    rec = next(r for r in map(json.loads, text.splitlines()) if r["error"] is None)
+    assert list(rec) == ["key", "source", "width", "height", "labels", "model", "elapsed_ms", "error"]
+    assert len(rec["labels"]) == 5
+    scores = [label["score"] for label in rec["labels"]]
+    assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
+    assert set(rec["labels"][0]) == {"label", "label_en", "class_id", "score"}
+    assert rec["model"] == "efficientnet_lite0" and rec["elapsed_ms"] > 0
+
+
+def test_width_height_are_of_the_original(folder_run):
+    _, out = folder_run
+    recs = records_by_key(out)
+    assert (recs["子目录 sub/coffee big.JPG"]["width"], recs["子目录 sub/coffee big.JPG"]["height"]) == (1800, 1200)
+    assert (recs["猫 chelsea.jpg"]["width"], recs["猫 chelsea.jpg"]["height"]) == (451, 300)
+
+
+def test_summary_reports_counts_and_busy_shares(folder_run):
+    proc, _ = folder_run
+    assert "5 recognised, 5 errors" in proc.stderr
+    assert "busy share:" in proc.stderr and "inference" in proc.stderr and "decoder-0" in proc.stderr
+
+
+def test_rerun_of_a_finished_job_writes_nothing_new(folder_run, mixed_folder):
+    folder, good, bad = mixed_folder
+    _, out = folder_run
+    before = out.read_bytes()
+    proc = run_wanwu("run", str(folder), "--out", str(out), "--progress", "none")
+    assert proc.returncode == 0, proc.stderr
+    assert "0 recognised, 0 errors, 10 already done" in proc.stderr
+    assert out.read_bytes() == before
+
+
+def test_sqlite_output_matches_jsonl(folder_run, mixed_folder, tmp_path):
+    folder, _, _ = mixed_folder
+    _, jsonl = folder_run
+    db = tmp_path / "results.sqlite"
+    proc = run_wanwu("run", str(folder), "--out", str(db), "--progress", "none")
+    assert proc.returncode == 3, proc.stderr
+    a, b = records_by_key(jsonl), records_by_key(db)
+    assert set(a) == set(b)
+    for key in a:
+        assert [l["class_id"] for l in a[key]["labels"]] == [l["class_id"] for l in b[key]["labels"]]
+        assert (a[key]["error"] or {}).get("type") == (b[key]["error"] or {}).get("type")
+
+
+def test_pack_then_run_gives_the_folder_labels(folder_run, mixed_folder, tmp_path):
+    folder, _, _ = mixed_folder
+    _, jsonl = folder_run
+    archive = tmp_path / "photos.lmdb"
+    proc = run_wanwu("pack", str(folder), str(archive))
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "from-lmdb.jsonl"
+    proc = run_wanwu("run", str(archive), "--out", str(out), "--progress", "none")
+    assert proc.returncode == 3, proc.stderr
+    a, b = records_by_key(jsonl), records_by_key(out)
+    assert set(a) == set(b)
+    for key in a:
+        assert [l["class_id"] for l in a[key]["labels"]] == [l["class_id"] for l in b[key]["labels"]], key
+
+
+def test_list_file_input(mixed_folder, tmp_path):
+    folder, good, _ = mixed_folder
+    listing = tmp_path / "list.txt"
+    paths = [str(folder / k) for k in sorted(good)]
+    listing.write_text("# photos\n" + "\n".join(paths + [str(folder / "missing.jpg")]) + "\n", encoding="utf-8")
+    out = tmp_path / "r.jsonl"
+    proc = run_wanwu("run", f"@{listing}", "--out", str(out), "--progress", "none")
+    assert proc.returncode == 3, proc.stderr
+    recs = records_by_key(out)
+    assert set(recs) == set(paths) | {str(folder / "missing.jpg")}
+    assert recs[str(folder / "missing.jpg")]["error"]["type"] == "ReadError"
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["run", "samples"], 2),  # --out missing
+    (["run", "/no/such/folder", "--out", "x.jsonl"], 2),
+    (["run", "samples", "--out", "x.jsonl", "--batch-size", "0"], 2),
+    (["run", "samples", "--out", "x.txt"], 2),
+    (["run", "samples", "--out", "x.jsonl", "--model", "no-such-model"], 2),
+    (["frobnicate"], 2),
+])
+def test_usage_errors_exit_2(args, expected, tmp_path):
+    from conftest import REPO
+
+    proc = run_wanwu(*args, cwd=tmp_path if "samples" not in args else REPO, timeout=60)
+    assert proc.returncode == expected, proc.stderr
+    assert not (REPO / "x.jsonl").exists()
+
+
+def test_all_good_exits_0_and_help_explains_options(tmp_path):
+    from conftest import REPO
+
+    out = tmp_path / "r.jsonl"
+    proc = run_wanwu("run", str(REPO / "samples"), "--out", str(out), "--progress", "none")
+    assert proc.returncode == 0, proc.stderr
+    assert len(records_by_key(out)) == 4
+    help_text = run_wanwu("run", "--help").stdout
+    for option in ("--decoders", "--batch-size", "--top-k", "--max-pixels", "--engine", "--decoder"):
+        assert option in help_text
+
+
+def test_an_unwritable_output_exits_1(tmp_path):
+    from conftest import REPO
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    proc = run_wanwu("run", str(REPO / "samples"), "--out", str(blocker / "r.jsonl"), "--progress", "none")
+    assert proc.returncode == 1, proc.stderr
