@@ -18,7 +18,7 @@ from wanwu.errors import ReadError, error_dict
 from wanwu.pipeline import transport
 from wanwu.pipeline.messages import Records, ScanDone, WorkItem
 from wanwu.pipeline.worker import Worker
-from wanwu.stages.sources.base import Source, SourceItem, open_source, source_kind
+from wanwu.stages.sources.base import Source, SourceItem, job_key, open_source
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +48,10 @@ class LoaderWorker(Worker):
 
     def _items(self) -> Iterator[tuple[Source, SourceItem, str]]:
         """Every input with its job-wide key; keys get the input as prefix when several are given."""
-        prefix = len(self.sources) > 1
+        several = len(self.sources) > 1
         for location, source in zip(self.job.inputs, self.sources):
-            add_prefix = prefix and source_kind(location) != "list"
             for item in source.scan():
-                key = f"{location.rstrip('/')}/{item.key}" if add_prefix else item.key
-                yield source, item, key
+                yield source, item, job_key(location, item, several)
 
     def _loop(self) -> None:
         emitted = 0
@@ -65,9 +63,7 @@ class LoaderWorker(Worker):
             t0 = time.time()
             try:
                 with self.busy():
-                    data = source.read(item)
-                    if len(data) == 0:
-                        raise ReadError(f"{item.locator} is empty (0 bytes)")
+                    data = source.read(item)  # raises ReadError for missing or empty inputs
             except ReadError as exc:
                 rec = error_record(key, item.source, self.job.model, exc, t0)
                 transport.send(self.records, Records((rec,)))

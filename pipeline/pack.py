@@ -23,19 +23,17 @@ import uuid
 from dataclasses import asdict, dataclass, replace
 from typing import ContextManager, Iterator
 
-import lmdb
-
 from wanwu.errors import ConfigError, ReadError
-from wanwu.pipeline.pool import bounded_imap
+from wanwu.pipeline.archive import ArchiveWriter, check_output, publish
+from wanwu.pipeline.pool import bounded_map
 from wanwu.pipeline.shrink import Shrink
-from wanwu.stages.sources.base import Source, SourceItem, open_source, source_kind
+from wanwu.stages.sources.base import Source, SourceItem, job_key, open_source
 
 logger = logging.getLogger(__name__)
 
 _BATCH_ITEMS = 256  # values per write transaction
 _DEFAULT_MAP_SIZE_BYTES = 1 << 30  # a first guess; doubled whenever the archive is full
 _IN_FLIGHT_PER_WORKER = 32  # jobs queued per worker: bounds memory, keeps workers busy
-_ARCHIVE_FILES = frozenset({"data.mdb", "lock.mdb"})
 
 
 @dataclass(frozen=True)
@@ -128,7 +126,7 @@ def pack(
     _check_args(inputs, resize_shorter, quality, workers, map_size_bytes)
     out = out.rstrip("/") or out
     subdir = not out.endswith(".mdb")
-    _check_output(out, overwrite)
+    check_output(out, overwrite)
     sources = [open_source(location) for location in inputs]
     shrink = Shrink(resize_shorter, quality) if resize_shorter else None
     jobs = _jobs(inputs, sources)
@@ -142,7 +140,7 @@ def pack(
             tally = _write(env_path, subdir, results, map_size_bytes or _DEFAULT_MAP_SIZE_BYTES)
         for source in sources:
             source.shutdown()  # before replacing out, which may be one of the inputs
-        _publish(env_path, out, overwrite)
+        publish(env_path, out, overwrite)
     finally:
         for source in sources:
             source.shutdown()
@@ -163,11 +161,8 @@ def _jobs(inputs: list[str], sources: list[Source]) -> Iterator[tuple[int, Sourc
     """
     several = len(sources) > 1
     for index, (location, source) in enumerate(zip(inputs, sources)):
-        prefix = ""
-        if several and source_kind(location) != "list":
-            prefix = f"{location.rstrip('/')}/"
         for item in source.scan():
-            yield index, replace(item, key=prefix + item.key) if prefix else item
+            yield index, replace(item, key=job_key(location, item, several))
 
 
 def _check_args(
@@ -186,35 +181,6 @@ def _check_args(
         raise ConfigError(f"expected map_size_bytes >= 1 or None, got {map_size_bytes}")
 
 
-def _check_output(out: str, overwrite: bool) -> None:
-    """Refuse an existing ``out`` unless ``overwrite``; never plan to delete other files."""
-    if not os.path.lexists(out):
-        return
-    if os.path.isdir(out) and not os.path.islink(out):
-        entries = set(os.listdir(out))
-        if not entries:
-            return  # an empty folder made ready for the archive
-        if not entries <= _ARCHIVE_FILES:
-            raise ConfigError(
-                f"expected a new path or an LMDB archive for the output, "
-                f"{out!r} is a folder holding {sorted(entries)[:5]}"
-            )
-    if not overwrite:
-        raise ConfigError(f"{out!r} already exists; pass overwrite=True to replace it")
-
-
-def _publish(env_path: str, out: str, overwrite: bool) -> None:
-    """Move the finished archive to ``out``, removing what ``_check_output`` allowed."""
-    _check_output(out, overwrite)  # again: out may have appeared while packing
-    if os.path.isdir(out) and not os.path.islink(out):
-        for name in _ARCHIVE_FILES & set(os.listdir(out)):
-            os.remove(os.path.join(out, name))
-        os.rmdir(out)
-    elif os.path.lexists(out):
-        os.remove(out)
-    os.rename(env_path, out)
-
-
 def _loaded(
     loader: _Loader, jobs: Iterator[tuple[int, SourceItem]], workers: int
 ) -> ContextManager[Iterator[_Packed]]:
@@ -222,57 +188,39 @@ def _loaded(
     count = workers or os.cpu_count() or 1
     if loader.shrink is None or count == 1:
         return contextlib.nullcontext(map(loader, jobs))
-    return bounded_imap(loader, jobs, count, count * _IN_FLIGHT_PER_WORKER)
+    return bounded_map(loader, jobs, count, count * _IN_FLIGHT_PER_WORKER)
 
 
 def _write(env_path: str, subdir: bool, results: Iterator[_Packed], map_size_bytes: int) -> _Tally:
-    """Store ``results`` in a new environment at ``env_path``; return what was stored."""
+    """Store ``results`` in a new archive at ``env_path``; return what was stored."""
     tally = _Tally()
-    # No lock file and no sync per commit: nothing else opens the staging archive,
-    # and it is synced once at the end, before it is renamed into place.
-    env = lmdb.open(
-        env_path, subdir=subdir, map_size=map_size_bytes, lock=False, sync=False,
-        metasync=False, readahead=False, mode=0o644,
-    )
+    writer = ArchiveWriter(env_path, subdir, map_size_bytes)
+    batch: list[tuple[bytes, bytes]] = []
+    finished = False
     try:
-        max_key_bytes = env.max_key_size()
-        batch: list[tuple[bytes, bytes]] = []
         for packed in results:
             tally.bytes_in += packed.bytes_in
-            key = packed.key.encode("utf-8")
             if packed.problem:
                 logger.warning("%s: %s", packed.key, packed.problem)
                 tally.errors += 1
-            if len(key) > max_key_bytes:
-                logger.warning("%s: left out, key longer than %d bytes", packed.key, max_key_bytes)
+            key = packed.key.encode("utf-8")
+            if len(key) > writer.max_key_bytes:
+                logger.warning("%s: left out, key longer than %d bytes", packed.key, writer.max_key_bytes)
                 tally.errors += 1
                 continue
             batch.append((key, packed.value))
             if len(batch) >= _BATCH_ITEMS:
-                _commit(env, batch, tally)
+                _commit(writer, batch, tally)
                 batch = []
-        _commit(env, batch, tally)
-        env.sync(True)
+        _commit(writer, batch, tally)
+        finished = True
     finally:
-        env.close()
+        writer.close(sync=finished)  # an unfinished staging copy is deleted anyway
     return tally
 
 
-def _commit(env: lmdb.Environment, batch: list[tuple[bytes, bytes]], tally: _Tally) -> None:
-    """Put ``batch`` in one transaction, growing the map until it fits."""
-    if not batch:
-        return
-    while True:
-        try:
-            with env.begin(write=True) as txn:
-                stored = [txn.put(key, value, overwrite=False) for key, value in batch]
-            break
-        except lmdb.MapFullError:
-            # The transaction was aborted: nothing of the batch is in; retry it whole.
-            size = env.info()["map_size"] * 2
-            logger.info("archive full; growing its map to %d bytes", size)
-            env.set_mapsize(size)
-    for (key, value), fresh in zip(batch, stored):
+def _commit(writer: ArchiveWriter, batch: list[tuple[bytes, bytes]], tally: _Tally) -> None:
+    for (key, value), fresh in zip(batch, writer.put_batch(batch)):
         if fresh:
             tally.images += 1
             tally.bytes_out += len(value)

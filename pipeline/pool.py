@@ -1,11 +1,13 @@
-"""An order-preserving process pool map that holds only a window of jobs in flight."""
+"""An order-preserving process-pool map that keeps only a window of jobs in flight."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import logging
 import multiprocessing
-import threading
+from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 logger = logging.getLogger(__name__)
@@ -17,49 +19,57 @@ _worker_fn: Callable[[Any], Any] | None = None  # set in each worker by _init_wo
 
 
 @contextlib.contextmanager
-def bounded_imap(
+def bounded_map(
     fn: Callable[[J], R], jobs: Iterable[J], processes: int, in_flight: int, chunksize: int = 4
 ) -> Iterator[Iterator[R]]:
     """``fn`` applied to ``jobs`` in ``processes`` spawned workers, results in job order.
 
-    ``Pool.imap`` alone queues every job at once and keeps every finished result
-    until it is consumed; here at most ``in_flight`` jobs are queued or finished
-    but not yet consumed, so memory stays bounded on millions of jobs. ``fn`` is
-    pickled once per worker (it may carry state, e.g. sources). ``jobs`` is
-    iterated in a thread of this process. Leaving the ``with`` block stops the
-    workers, whether or not every result was consumed.
+    At most about ``in_flight`` jobs are submitted but not yet consumed, so memory
+    stays bounded on millions of jobs (``Pool.imap`` would queue them all). ``fn``
+    is pickled once per worker, so it may carry state (e.g. sources). ``jobs`` is
+    consumed lazily in the calling thread. Leaving the ``with`` block cancels what
+    has not started and waits for the workers to exit.
 
-    An exception raised by ``fn`` is raised again by the results iterator.
+    A ``concurrent.futures`` pool rather than ``multiprocessing.Pool``: when a
+    worker dies (a segfault in a codec, the OOM killer) the results iterator raises
+    ``BrokenProcessPool`` instead of waiting forever. An exception raised by ``fn``
+    is raised again by the results iterator.
     """
-    if processes < 1 or in_flight < max(1, chunksize):
+    if processes < 1 or chunksize < 1 or in_flight < chunksize:
         raise ValueError(
-            f"expected processes >= 1 and in_flight >= chunksize, got {processes}, {in_flight}"
+            f"expected processes >= 1 and 1 <= chunksize <= in_flight, "
+            f"got {processes}, {chunksize}, {in_flight}"
         )
-    slots = threading.Semaphore(in_flight)
-    stopping = threading.Event()
-
-    def throttled() -> Iterator[J]:
-        for job in jobs:
-            while not slots.acquire(timeout=0.1):
-                if stopping.is_set():  # the consumer is gone; let the pool shut down
-                    return
-            yield job
-
-    def released(results: Iterator[R]) -> Iterator[R]:
-        for result in results:
-            slots.release()
-            yield result
-
     # spawn, not fork: the parent may hold threads and open LMDB environments.
-    pool = multiprocessing.get_context("spawn").Pool(
-        processes, initializer=_init_worker, initargs=(fn,)
+    executor = ProcessPoolExecutor(
+        processes, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker, initargs=(fn,),
     )
     try:
-        yield released(pool.imap(_call_in_worker, throttled(), chunksize=chunksize))
+        yield _ordered(executor, jobs, in_flight // chunksize, chunksize)
     finally:
-        stopping.set()
-        pool.terminate()
-        pool.join()
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _ordered(
+    executor: ProcessPoolExecutor, jobs: Iterable[J], window: int, chunksize: int
+) -> Iterator[Any]:
+    chunks = _chunked(jobs, chunksize)
+    pending: collections.deque[Future[list[Any]]] = collections.deque(
+        executor.submit(_call_chunk, chunk) for chunk in itertools.islice(chunks, window)
+    )
+    while pending:
+        results = pending.popleft().result()
+        # Refill before handing results out, so workers stay busy meanwhile.
+        for chunk in itertools.islice(chunks, 1):
+            pending.append(executor.submit(_call_chunk, chunk))
+        yield from results
+
+
+def _chunked(jobs: Iterable[J], size: int) -> Iterator[list[J]]:
+    it = iter(jobs)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 
 def _init_worker(fn: Callable[[Any], Any]) -> None:
@@ -67,7 +77,7 @@ def _init_worker(fn: Callable[[Any], Any]) -> None:
     _worker_fn = fn
 
 
-def _call_in_worker(job: Any) -> Any:
+def _call_chunk(chunk: list[Any]) -> list[Any]:
     if _worker_fn is None:
         raise RuntimeError("pool worker used before _init_worker ran")
-    return _worker_fn(job)
+    return [_worker_fn(job) for job in chunk]

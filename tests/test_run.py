@@ -175,3 +175,36 @@ def test_an_unwritable_output_exits_1(tmp_path):
     blocker.write_text("")
     proc = run_wanwu("run", str(REPO / "samples"), "--out", str(blocker / "r.jsonl"), "--progress", "none")
     assert proc.returncode == 1, proc.stderr
+
+
+@pytest.mark.parametrize("option", [["--decoder", "dali"], ["--engine", "torch"], ["--engine", "onnxruntime"]])
+def test_other_decoders_and_engines_agree_end_to_end(option, folder_run, mixed_folder, tmp_path):
+    if option[1] == "dali":
+        pytest.importorskip("nvidia.dali", reason="nvidia-dali-cuda120 is not installed")
+    folder, good, bad = mixed_folder
+    _, reference = folder_run
+    out = tmp_path / "r.jsonl"
+    proc = run_wanwu("run", str(folder), "--out", str(out), "--progress", "none", *option)
+    assert proc.returncode == 3, proc.stderr
+    a, b = records_by_key(reference), records_by_key(out)
+    assert set(a) == set(b)
+    for key in good:
+        # Near-ties may swap between engines and precisions; confident answers may not.
+        ref, other = a[key]["labels"], b[key]["labels"]
+        assert ref[0]["class_id"] in [l["class_id"] for l in other[:3]], (key, option, ref, other)
+        if ref[0]["score"] > 0.5:
+            assert ref[0]["class_id"] == other[0]["class_id"], (key, option, ref, other)
+    for key, err_type in bad.items():
+        assert b[key]["error"]["type"] == err_type, (key, option, b[key])
+
+
+def test_a_worker_that_cannot_start_fails_the_job_with_exit_1(tmp_path):
+    from conftest import REPO
+
+    # No CUDA device here: the inference process fails to load and the job must say so, not hang.
+    proc = run_wanwu("run", str(REPO / "samples"), "--out", str(tmp_path / "r.jsonl"), "--progress", "none",
+                     "--engine", "torch", "--device", "cuda:0", "--decoder", "turbo", timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("a CUDA device is present")
+    assert proc.returncode == 1, proc.stderr
+    assert "inference" in proc.stderr

@@ -76,6 +76,15 @@ def source_kind(location: str) -> str:
     raise ConfigError(f"expected a folder, an LMDB archive or @list.txt, got {location!r}")
 
 
+def job_key(location: str, item: SourceItem, several_inputs: bool) -> str:
+    """The key of ``item`` within a job: with several inputs, folder and archive keys get
+    the input as given as a prefix, so the same name in two folders stays two records
+    (list-file keys are already the paths as written)."""
+    if several_inputs and source_kind(location) != "list":
+        return f"{location.rstrip('/')}/{item.key}"
+    return item.key
+
+
 def open_source(location: str) -> Source:
     """Build the source for one command-line input."""
     kind = source_kind(location)

@@ -1,0 +1,196 @@
+"""Records in an SQLite database: table ``results``, one row per key."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+from typing import Any, Iterable
+
+from wanwu.errors import SinkError
+from wanwu.stages.sinks.base import RECORD_FIELDS, Record, Sink
+from wanwu.stages.sinks.records import dumps, top_label, unique_new
+
+logger = logging.getLogger(__name__)
+
+# labels and error hold JSON text (non-ASCII unescaped); top_label is the best
+# label, kept in its own column so it can be queried and indexed without JSON.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    key TEXT NOT NULL UNIQUE,
+    source TEXT,
+    width INTEGER,
+    height INTEGER,
+    labels TEXT,
+    model TEXT,
+    elapsed_ms REAL,
+    error TEXT,
+    top_label TEXT
+)"""
+_COLUMNS = (*RECORD_FIELDS, "top_label")
+_INSERT = (
+    f"INSERT OR IGNORE INTO results ({', '.join(_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _COLUMNS)})"
+)
+_BUSY_TIMEOUT_S = 30.0  # how long to wait for a reader or another writer to let go
+
+
+class SqliteSink(Sink):
+    """Writes records into ``results``, which is also the resume ledger.
+
+    The database runs in WAL mode with ``synchronous=NORMAL``: a committed
+    ``write()`` survives ``kill -9`` of the process, and a crash mid-transaction
+    is rolled back by SQLite when the file is next opened. ``fsync=True`` uses
+    ``synchronous=FULL`` so commits also survive power loss. The first record for
+    a key wins (``INSERT OR IGNORE`` on the unique ``key``).
+
+    Not thread-safe: call from one thread at a time.
+    """
+
+    kind = "sqlite"
+
+    def __init__(self, path: str, fsync: bool = False) -> None:
+        super().__init__(path)
+        self.fsync = fsync  # synchronous=FULL: every commit reaches the disk
+        self._conn: sqlite3.Connection | None = None  # set by open()
+
+    def open(self) -> set[str]:
+        """Create or reopen the database; return the keys it holds.
+
+        Raises:
+            SinkError: the file is not an SQLite database, or its ``results`` table
+                lacks the expected columns.
+        """
+        if self._conn is None:
+            directory = os.path.dirname(os.path.abspath(self.path))
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as exc:
+                raise SinkError(f"cannot create the folder for {self.path!r}: {exc}") from exc
+            conn = _connect(self.path)
+            try:
+                _prepare(conn, self.path, self.fsync)
+            except SinkError:
+                conn.close()
+                raise
+            self._conn = conn
+        return _keys(self._conn, self.path)
+
+    def write(self, records: Iterable[Record]) -> None:
+        """Insert the records in one transaction; keys already present are ignored.
+
+        When this returns, the transaction is committed.
+
+        Raises:
+            SinkError: before ``open()``, or when SQLite refuses (nothing of this
+                batch is then written).
+        """
+        if self._conn is None:
+            raise SinkError(f"cannot write to {self.path!r}: open() it first")
+        # The database ignores keys it holds; unique_new only drops repeats within
+        # this batch, so no set of millions of keys is kept in memory.
+        try:
+            rows = [_row(record) for record in unique_new(records, set())]
+        except (TypeError, ValueError) as exc:
+            raise SinkError(f"cannot serialise records for {self.path!r}: {exc}") from exc
+        if not rows:
+            return
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.executemany(_INSERT, rows)
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise SinkError(f"cannot write {len(rows)} records to {self.path!r}: {exc}") from exc
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    @classmethod
+    def read_records(cls, path: str) -> list[Record]:
+        """Every record, in the order written, with ``labels``/``error`` parsed back.
+
+        The dicts equal those the JSONL sink reads back for the same records.
+
+        Raises:
+            SinkError: ``path`` does not exist or is not a wanwu SQLite output.
+        """
+        if not os.path.isfile(path):
+            raise SinkError(f"expected an SQLite output, {path!r} does not exist")
+        conn = _connect(path)
+        try:
+            query = f"SELECT {', '.join(RECORD_FIELDS)} FROM results ORDER BY rowid"
+            rows = conn.execute(query).fetchall()
+        except sqlite3.Error as exc:
+            raise SinkError(f"cannot read records from {path!r}: {exc}") from exc
+        finally:
+            conn.close()
+        records = []
+        for row in rows:
+            record = dict(zip(RECORD_FIELDS, row))
+            for name in ("labels", "error"):
+                if record[name] is not None:
+                    record[name] = json.loads(record[name])
+            records.append(record)
+        return records
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    try:
+        # isolation_level=None: transactions are begun and committed explicitly, so
+        # one write() is exactly one transaction. check_same_thread=False lets the
+        # pipeline hand the sink to its writer thread after open().
+        return sqlite3.connect(
+            path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+    except sqlite3.Error as exc:
+        raise SinkError(f"cannot open {path!r} as an SQLite output: {exc}") from exc
+
+
+def _prepare(conn: sqlite3.Connection, path: str, fsync: bool) -> None:
+    """Set the journal and sync modes, create the table, check an existing one."""
+    try:
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            logger.warning("%s: journal_mode is %s, expected wal", path, mode)
+        conn.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        conn.execute(_SCHEMA)
+        _check_columns(conn, path)
+    except sqlite3.Error as exc:
+        raise SinkError(f"cannot open {path!r} as an SQLite output: {exc}") from exc
+
+
+def _check_columns(conn: sqlite3.Connection, path: str) -> None:
+    present = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
+    missing = [name for name in _COLUMNS if name not in present]
+    if missing:
+        raise SinkError(
+            f"{path}: table 'results' lacks columns {missing}; expected a wanwu output "
+            f"with columns {list(_COLUMNS)}"
+        )
+
+
+def _keys(conn: sqlite3.Connection, path: str) -> set[str]:
+    try:
+        return {row[0] for row in conn.execute("SELECT key FROM results")}
+    except sqlite3.Error as exc:
+        raise SinkError(f"cannot read keys from {path!r}: {exc}") from exc
+
+
+def _row(record: Record) -> tuple[Any, ...]:
+    labels, error = record["labels"], record["error"]
+    return (
+        record["key"],
+        record["source"],
+        record["width"],
+        record["height"],
+        None if labels is None else dumps(labels),
+        record["model"],
+        record["elapsed_ms"],
+        None if error is None else dumps(error),
+        top_label(labels),
+    )

@@ -1,0 +1,95 @@
+"""A folder of image files, walked recursively."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterator
+
+from wanwu.errors import ConfigError
+from wanwu.stages.sources.base import IMAGE_EXTENSIONS, Source, SourceItem
+from wanwu.stages.sources.files import key_text, read_file
+
+logger = logging.getLogger(__name__)
+
+
+class FolderSource(Source):
+    """Every image file under a folder, at any depth.
+
+    ``scan()`` walks depth-first; within each folder, entries are taken in order of
+    name (files and sub-folders interleaved), so two scans of an unchanged tree give
+    the same stream. A file counts as an image when its extension, lower-cased, is
+    in ``IMAGE_EXTENSIONS``. Symlinked files are read; symlinked folders are not
+    entered, which rules out loops. Sub-folders that cannot be listed are logged and
+    skipped.
+
+    Items: ``key`` is the path relative to the folder with ``/`` separators,
+    ``source`` the folder as given, ``locator`` the absolute path.
+    """
+
+    kind = "folder"
+
+    def scan(self) -> Iterator[SourceItem]:
+        """Yield every image file once, in a deterministic order.
+
+        Raises:
+            ConfigError: the folder itself cannot be listed.
+        """
+        root = os.path.abspath(self.location)
+        try:
+            top = _sorted_entries(root)
+        except OSError as exc:
+            raise ConfigError(f"expected a readable folder, got {self.location!r}: {exc}") from exc
+        # An explicit stack of iterators instead of recursion: deep trees cannot
+        # hit the recursion limit, and the walk stays lazy.
+        stack: list[tuple[str, Iterator[os.DirEntry[str]]]] = [("", iter(top))]
+        while stack:
+            prefix, entries = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                stack.pop()
+                continue
+            rel = prefix + entry.name
+            if _is_real_dir(entry):
+                try:
+                    stack.append((rel + "/", iter(_sorted_entries(entry.path))))
+                except OSError as exc:
+                    logger.warning("skipping folder %r: %s", entry.path, exc)
+            elif _is_image(entry):
+                yield SourceItem(key=key_text(rel), source=self.location, locator=os.path.join(root, rel))
+
+    def read(self, item: SourceItem) -> bytes:
+        """The file's bytes. Raises ``ReadError`` if it is empty, vanished or unreadable."""
+        return read_file(item.locator)
+
+
+def _sorted_entries(path: str) -> list[os.DirEntry[str]]:
+    with os.scandir(path) as it:
+        return sorted(it, key=lambda entry: entry.name)
+
+
+def _is_real_dir(entry: os.DirEntry[str]) -> bool:
+    """A folder that is not a symlink (symlinked folders could form loops)."""
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def _is_image(entry: os.DirEntry[str]) -> bool:
+    """An image-named regular file, a symlink to one, or a dangling symlink.
+
+    Dangling symlinks are kept so that they become error records rather than
+    vanishing silently; FIFOs, sockets and devices are left out, and so are macOS
+    AppleDouble files (``._name.jpg``, metadata that copies from a Mac leave behind).
+    """
+    if entry.name.startswith("._"):
+        return False
+    if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+        return False
+    try:
+        if entry.is_file():
+            return True
+        return entry.is_symlink() and not os.path.exists(entry.path)
+    except OSError:
+        return False

@@ -1,0 +1,216 @@
+"""Both sinks driven by hand over real files: round trips, resume, repair, kill -9."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wanwu.errors import SinkError
+from wanwu.stages.sinks.base import RECORD_FIELDS, SINKS, Sink, create_sink, read_records
+from wanwu.stages.sinks.jsonl import JsonlSink
+from wanwu.stages.sinks.sqlite import SqliteSink
+
+KINDS = ["jsonl", "sqlite"]
+
+
+def record(key: str, label: str = "虎斑猫", score: float = 0.75) -> dict:
+    return {
+        "key": key, "source": "照片 photos", "width": 451, "height": 300,
+        "labels": [
+            {"label": label, "label_en": "tabby", "class_id": 281, "score": score},
+            {"label": "埃及猫", "label_en": "Egyptian cat", "class_id": 285, "score": 0.125},
+        ],
+        "model": "efficientnet_lite0", "elapsed_ms": 12.5, "error": None,
+    }
+
+
+def error_record(key: str) -> dict:
+    return {
+        "key": key, "source": "photos", "width": None, "height": None, "labels": [],
+        "model": "efficientnet_lite0", "elapsed_ms": 0.5,
+        "error": {"type": "DecodeError", "message": "不是图片: expected an image, got 12 bytes"},
+    }
+
+
+def out_path(tmp_path: Path, kind: str) -> Path:
+    return tmp_path / ("results.jsonl" if kind == "jsonl" else "results.sqlite")
+
+
+def opened(path: Path) -> tuple[Sink, set[str]]:
+    sink = create_sink(str(path))
+    return sink, sink.open()
+
+
+def test_registry_builds_both_kinds() -> None:
+    assert SINKS.names() == KINDS
+    for name in KINDS:
+        assert SINKS.get(name).kind == name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_round_trip_keeps_fields_order_and_types(tmp_path: Path, kind: str) -> None:
+    path = out_path(tmp_path, kind)
+    sink, done = opened(path)
+    assert done == set()
+    written = [record("猫 chelsea.jpg"), error_record("子目录/坏.jpg"), record("c.jpg", "咖啡")]
+    sink.write(written)
+    sink.close()
+    sink.close()  # safe twice
+    back = read_records(str(path))
+    assert back == written
+    assert all(list(r) == list(RECORD_FIELDS) for r in back)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_numpy_values_and_missing_fields_are_normalised(tmp_path: Path, kind: str) -> None:
+    path = out_path(tmp_path, kind)
+    sink, _ = opened(path)
+    rec = record("n.jpg", score=np.float32(0.5))
+    rec["labels"][1]["class_id"] = np.int64(285)
+    rec["width"], rec["elapsed_ms"] = np.int64(451), 3  # an int time comes back a float
+    sink.write([rec, {"key": "bare.jpg", "extra": "dropped"}])
+    sink.close()
+    back = read_records(str(path))
+    assert back[0]["labels"][0]["score"] == 0.5 and back[0]["labels"][1]["class_id"] == 285
+    assert back[0]["width"] == 451 and back[0]["elapsed_ms"] == 3.0
+    assert type(back[0]["elapsed_ms"]) is float
+    assert back[1] == dict.fromkeys(RECORD_FIELDS) | {"key": "bare.jpg"}
+
+
+def test_jsonl_bytes_are_utf8_with_chinese_unescaped(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    sink, _ = opened(path)
+    sink.write([record("猫.jpg")])
+    sink.close()
+    raw = path.read_bytes()
+    assert "虎斑猫".encode("utf-8") in raw and b"\\u" not in raw
+    lines = raw.split(b"\n")
+    assert lines[-1] == b"" and len(lines) == 2
+    assert list(json.loads(lines[0])) == list(RECORD_FIELDS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reopen_returns_done_keys_and_never_doubles(tmp_path: Path, kind: str) -> None:
+    path = out_path(tmp_path, kind)
+    sink, _ = opened(path)
+    sink.write([record("a.jpg"), record("b.jpg"), record("a.jpg", "重复")])  # repeat in a batch
+    sink.write([record("b.jpg", "重复")])  # repeat across batches
+    sink.close()
+    sink, done = opened(path)
+    assert done == {"a.jpg", "b.jpg"}
+    sink.write([record("a.jpg", "重复"), record("c.jpg")])  # repeat across runs
+    sink.close()
+    back = read_records(str(path))
+    assert [r["key"] for r in back] == ["a.jpg", "b.jpg", "c.jpg"]
+    assert all(r["labels"][0]["label"] == "虎斑猫" for r in back)  # the first record wins
+
+
+@pytest.mark.parametrize(
+    "tail", [b'{"key": "torn.jpg", "source": "pho', b'{"key": "x.jpg"}', b"\x00" * 300 + b"\n"]
+)
+def test_jsonl_torn_tail_is_cut_off_on_open(tmp_path: Path, tail: bytes) -> None:
+    path = tmp_path / "r.jsonl"
+    sink, _ = opened(path)
+    sink.write([record("a.jpg"), record("b.jpg")])
+    sink.close()
+    good = path.read_bytes()
+    with open(path, "ab") as f:
+        f.write(tail)  # what a kill in the middle of a write (or a power cut) leaves
+    assert [r["key"] for r in read_records(str(path))] == ["a.jpg", "b.jpg"]
+    sink, done = opened(path)
+    assert done == {"a.jpg", "b.jpg"}
+    assert path.read_bytes() == good
+    sink.write([record("c.jpg")])
+    sink.close()
+    assert [r["key"] for r in read_records(str(path))] == ["a.jpg", "b.jpg", "c.jpg"]
+
+
+def test_jsonl_damage_before_the_end_is_an_error_not_a_silent_cut(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    line = json.dumps(record("a.jpg"), ensure_ascii=False)
+    path.write_text(f"{line}\nnot json\n{line.replace('a.jpg', 'b.jpg')}\n", encoding="utf-8")
+    with pytest.raises(SinkError, match="line 2"):
+        JsonlSink(str(path)).open()
+    assert path.read_text(encoding="utf-8").count("\n") == 3  # nothing was cut
+
+
+def test_jsonl_second_writer_is_refused(tmp_path: Path) -> None:
+    first, _ = opened(tmp_path / "r.jsonl")
+    with pytest.raises(SinkError, match="another process"):
+        JsonlSink(str(tmp_path / "r.jsonl")).open()
+    first.close()
+    JsonlSink(str(tmp_path / "r.jsonl")).open()
+
+
+def test_jsonl_fsync_option(tmp_path: Path) -> None:
+    sink = JsonlSink(str(tmp_path / "new" / "r.jsonl"), fsync=True)
+    assert sink.open() == set()
+    sink.write([record("a.jpg")])
+    sink.close()
+    assert [r["key"] for r in JsonlSink.read_records(str(tmp_path / "new" / "r.jsonl"))] == ["a.jpg"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_write_before_open_is_an_error(tmp_path: Path, kind: str) -> None:
+    with pytest.raises(SinkError, match="open"):
+        create_sink(str(out_path(tmp_path, kind))).write([record("a.jpg")])
+
+
+def test_sqlite_is_wal_with_a_unique_key_and_a_top_label(tmp_path: Path) -> None:
+    path = tmp_path / "r.sqlite"
+    sink, _ = opened(path)
+    sink.write([record("a.jpg"), error_record("bad.jpg")])
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        rows = dict(conn.execute("SELECT key, top_label FROM results"))
+        assert rows == {"a.jpg": "虎斑猫", "bad.jpg": None}
+        labels = conn.execute("SELECT labels FROM results WHERE key = 'a.jpg'").fetchone()[0]
+        assert "虎斑猫" in labels  # JSON text, not escaped
+        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+            conn.execute("INSERT INTO results (key) VALUES ('a.jpg')")
+    finally:
+        conn.close()
+        sink.close()
+
+
+def test_sqlite_refuses_a_foreign_database(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE results (name TEXT)")
+    conn.close()
+    with pytest.raises(SinkError, match="lacks columns"):
+        SqliteSink(str(path)).open()
+    (tmp_path / "junk.sqlite").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(SinkError, match="SQLite"):
+        SqliteSink(str(tmp_path / "junk.sqlite")).open()
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import os, signal, sys
+    from wanwu.stages.sinks.base import create_sink
+    sink = create_sink(sys.argv[1])
+    sink.open()
+    for batch in range(3):
+        sink.write([{"key": f"{batch}-{i}.jpg", "labels": [{"label": "猫"}], "error": None}
+                    for i in range(100)])
+    os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit, no flush of anything
+""")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_records_survive_sigkill_right_after_write(tmp_path: Path, kind: str) -> None:
+    path = out_path(tmp_path, kind)
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path)], timeout=60)
+    assert proc.returncode == -9
+    sink, done = opened(path)
+    assert done == {f"{b}-{i}.jpg" for b in range(3) for i in range(100)}
+    sink.close()
+    assert len(read_records(str(path))) == 300
