@@ -55,10 +55,29 @@ class JobResult:
     elapsed_s: float = 0.0
     busy: dict[str, float] = field(default_factory=dict)  # stage -> busy share of its wall time
     failure: str = ""  # why the job failed
+    ready_s: float | None = None  # from start until every worker was ready (model loaded)
+    first_record_s: float | None = None  # from start until the sink reported its first records
+    first_records: int = 0  # how many records that first report counted
 
     @property
     def images_per_s(self) -> float:
         return (self.ok + self.errors) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def steady_images_per_s(self) -> float:
+        """Throughput after the first records: start-up and warm-up excluded."""
+        if self.first_record_s is None:
+            return 0.0
+        window = self.elapsed_s - self.first_record_s
+        n = self.ok + self.errors - self.first_records
+        return n / window if window > 0 and n > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        """Everything, for ``--stats-json``."""
+        d = dataclasses.asdict(self)
+        d.update(images_per_s=self.images_per_s, steady_images_per_s=self.steady_images_per_s,
+                 exit_code=self.exit_code)
+        return d
 
     @property
     def exit_code(self) -> int:
@@ -91,6 +110,7 @@ class Job:
         self.procs: dict[str, subprocess.Popen] = {}
         self.result = JobResult("failed")
         self._interrupted = False
+        self._t0 = time.perf_counter()
 
     def run(self) -> JobResult:
         reclaim_stale_segments()
@@ -106,7 +126,7 @@ class Job:
         ctx = zmq.Context()
         control: zmq.Socket | None = None
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        t0 = time.perf_counter()
+        self._t0 = time.perf_counter()
         try:
             endpoints = Endpoints(job_dir)
             events = transport.socket(ctx, zmq.PULL, endpoints.events, bind=True)
@@ -124,13 +144,17 @@ class Job:
             self._interrupted = True
             self.result.status = "interrupted"
         finally:
-            self.result.elapsed_s = time.perf_counter() - t0
+            if not self.result.elapsed_s:
+                self.result.elapsed_s = self._since_start()
             signal.signal(signal.SIGTERM, previous)
             self._stop_all(control)
             pool.close()
             ctx.destroy(linger=0)
             shutil.rmtree(job_dir, ignore_errors=True)
         return self.result
+
+    def _since_start(self) -> float:
+        return time.perf_counter() - self._t0
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -150,6 +174,7 @@ class Job:
     def _watch(self, events: zmq.Socket, pool: SlotPool, progress: Progress) -> None:
         """Follow events until the sink has every record; raise on a dead or failed worker."""
         attached: set[str] = set()
+        ready: set[str] = set()
         try:
             while True:
                 if events.poll(100):
@@ -159,12 +184,20 @@ class Job:
                         attached.add(event.stage)
                         if attached >= set(self.procs):
                             pool.unlink()  # every worker has mapped it: nothing can leak now
+                    elif event.kind == "ready":
+                        ready.add(event.stage)
+                        if ready >= set(self.procs):
+                            self.result.ready_s = self._since_start()
                     elif event.kind in ("progress", "done"):
                         self.result.ok = event.data["ok"]
                         self.result.errors = event.data["errors"]
                         self.result.total = event.data["total"]
+                        if self.result.first_record_s is None and self.result.ok + self.result.errors:
+                            self.result.first_record_s = self._since_start()
+                            self.result.first_records = self.result.ok + self.result.errors
                         progress.update(self.result.ok, self.result.errors, self.result.total)
                         if event.kind == "done":
+                            self.result.elapsed_s = self._since_start()
                             progress.finish(self.result.ok, self.result.errors, self.result.total)
                             self.result.status = "finished"
                             return

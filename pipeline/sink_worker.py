@@ -57,20 +57,22 @@ class SinkWorker(Worker):
 
     def _loop(self) -> None:
         last_progress = 0.0
-        done_sent = False
+        reported: tuple = ()
+        finished = False
         while not self.stopped():
             batch = self._drain() if self.records.poll(100) else []
             if batch:
                 self._write(batch)
-            now = time.perf_counter()
+            if finished:
+                continue  # everything is written; wait for the owner's stop
             finished = self.expected is not None and self.items >= self.expected
-            if batch and (now - last_progress >= PROGRESS_INTERVAL_S or finished) or \
-                    (self.expected is not None and last_progress == 0.0):
-                self.emit("progress", ok=self.ok, errors=self.errors, total=self.expected)
-                last_progress = now
-            if finished and not done_sent:
+            counts = (self.ok, self.errors, self.expected)
+            now = time.perf_counter()
+            if finished:
                 self.emit("done", ok=self.ok, errors=self.errors, total=self.expected)
-                done_sent = True
+            elif counts != reported and now - last_progress >= PROGRESS_INTERVAL_S:
+                self.emit("progress", ok=self.ok, errors=self.errors, total=self.expected)
+                reported, last_progress = counts, now
 
     def _shutdown(self) -> None:
         if hasattr(self, "sink"):

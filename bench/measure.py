@@ -1,0 +1,42 @@
+"""One measurement in a fresh process: ``python -m wanwu.bench.measure KIND JSON-ARGS``.
+
+Prints one JSON object (``{"rate": images/s, ...}``) on stdout. Running each
+measurement in its own process lets the suite sample the peak memory of its
+whole process tree and keeps thread settings from leaking between them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    kind, args = argv[0], json.loads(argv[1])
+    paths = [Path(p) for p in args["paths"]]
+    if kind == "naive":
+        from wanwu.bench.baselines import naive
+
+        result = {"rate": naive(paths, args["model"], args["threads"])}
+    elif kind == "dataloader":
+        from wanwu.bench.baselines import dataloader
+
+        result = {"rate": dataloader(paths, args["model"], args["threads"], args["workers"])}
+    elif kind == "decode":
+        from wanwu.bench.stages import decode_rate
+
+        result = {"rate": decode_rate(paths, args["processes"], args["decoder"], args["model"])}
+    elif kind == "inference":
+        from wanwu.bench.stages import inference_rate
+
+        rate, label = inference_rate(len(paths), args["batch_size"], args["engine"], 0, args["model"], paths)
+        result = {"rate": rate, "engine": label}
+    else:
+        raise SystemExit(f"unknown measurement {kind!r}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,72 @@
+"""Each stage alone with all cores, configured as ``wanwu run`` configures it.
+
+From these two rates follows the machine's limit for the whole job: when decode
+and inference share the same cores, images/s cannot exceed
+``1 / (1 / decode_rate + 1 / inference_rate)``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def limit(decode_rate: float, inference_rate: float) -> float:
+    """Images/s the machine can reach when both stages share its cores."""
+    return 1.0 / (1.0 / decode_rate + 1.0 / inference_rate)
+
+
+def _decode_share(args: tuple[list[bytes], str, str]) -> float:
+    datas, decoder_name, model_name = args
+    from wanwu.stages.decoders.base import DecodeConfig, create_decoder
+    from wanwu.stages.models.base import get_model_spec
+
+    pre = get_model_spec(model_name).preprocess
+    decoder = create_decoder(decoder_name, DecodeConfig(pre))
+    out = np.empty(pre.frame.shape, np.uint8)
+    t0 = time.perf_counter()
+    for data in datas:
+        decoder.decode_into(data, out)
+    return time.perf_counter() - t0
+
+
+def decode_rate(paths: Sequence[Path], processes: int, decoder: str = "auto",
+                model: str = "efficientnet_lite0") -> float:
+    """Images/s of ``processes`` decoder processes splitting the corpus (bytes already in memory)."""
+    datas = [Path(p).read_bytes() for p in paths]
+    shares = [(datas[i::processes], decoder, model) for i in range(processes)]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(processes) as pool:
+        pool.map(_decode_share, [(s[0][:2], decoder, model) for s in shares])  # warm-up: imports
+        t0 = time.perf_counter()
+        pool.map(_decode_share, shares)
+        return len(datas) / (time.perf_counter() - t0)
+
+
+def inference_rate(n_images: int, batch_size: int = 32, engine: str = "auto", threads: int = 0,
+                   model: str = "efficientnet_lite0", sample: Sequence[Path] = ()) -> tuple[float, str]:
+    """Images/s of the engine alone on ``n_images`` in batches; returns (rate, "engine precision")."""
+    from wanwu.stages.decoders.base import DecodeConfig, create_decoder
+    from wanwu.stages.engines.base import EngineConfig, create_engine
+    from wanwu.stages.models.base import get_model_spec
+
+    spec = get_model_spec(model)
+    batch = np.zeros((batch_size, *spec.preprocess.frame.shape), np.uint8)
+    decoder = create_decoder("turbo", DecodeConfig(spec.preprocess))
+    for i, path in enumerate(list(sample)[:batch_size]):  # real pixels, not zeros
+        decoder.decode_into(Path(path).read_bytes(), batch[i])
+    eng = create_engine(engine, spec, EngineConfig(threads=threads, max_batch_size=batch_size))
+    eng.load()
+    eng.infer(batch)
+    n_batches = max(1, -(-n_images // batch_size))
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        eng.infer(batch)
+    rate = n_batches * batch_size / (time.perf_counter() - t0)
+    label = f"{eng.name} {eng.precision}"
+    eng.shutdown()
+    return rate, label

@@ -1,0 +1,164 @@
+"""The benchmark suite: wanwu against the usual alternatives, on the same corpus, in one run.
+
+Each row runs in fresh processes ``repeats`` times after one warm-up run; the
+table reports the median images/s and the peak resident memory of the row's
+whole process tree. Start-up (model load) is excluded everywhere: the
+baselines load their model before the clock starts, and wanwu's figure is its
+steady rate after the first records (``JobResult.steady_images_per_s``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from wanwu.bench.corpus import build_corpus
+from wanwu.bench.proctree import PeakRss
+from wanwu.bench.stages import limit
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure and how often."""
+
+    images: int = 300  # corpus size
+    repeats: int = 3  # timed runs per row (after one warm-up)
+    naive_images: int = 0  # images for the slow naive loop; 0 = all
+    model: str = "efficientnet_lite0"
+    workdir: str = ""  # corpus and archives; "" = a folder under the temp dir, reused
+    memory_images: tuple[int, ...] = ()  # job sizes for the memory-growth check, e.g. (500, 5000)
+
+
+@dataclass
+class Row:
+    name: str
+    rates: list[float] = field(default_factory=list)  # images/s of each timed run
+    peak_rss_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(self.rates) if self.rates else 0.0
+
+
+def _timed(cmd: list[str], env: dict | None = None) -> tuple[str, int]:
+    """Run ``cmd``; return its stdout and the peak RSS of its process tree."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    with PeakRss(proc.pid) as peak:
+        out, err = proc.communicate()
+    if proc.returncode not in (0, 3):
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{err[-3000:]}")
+    return out, peak.peak
+
+
+def _measure(row: Row, kind: str, args: dict, repeats: int) -> Row:
+    cmd = [sys.executable, "-m", "wanwu.bench.measure", kind, json.dumps(args)]
+    for i in range(repeats + 1):
+        out, peak = _timed(cmd)
+        result = json.loads(out.strip().splitlines()[-1])
+        if i:  # the first run warms caches
+            row.rates.append(result["rate"])
+            row.peak_rss_bytes = max(row.peak_rss_bytes, peak)
+            row.extra.update({k: v for k, v in result.items() if k != "rate"})
+    return row
+
+
+def _wanwu(row: Row, inputs: list[str], workdir: Path, repeats: int, extra: list[str] = ()) -> Row:
+    stats_path = workdir / "stats.json"
+    firsts = []
+    for i in range(repeats + 1):
+        out = workdir / "results.jsonl"
+        out.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "wanwu", "run", *inputs, "--out", str(out), "--progress", "none",
+               "--stats-json", str(stats_path), *extra]
+        _, peak = _timed(cmd)
+        stats = json.loads(stats_path.read_text())
+        if i:
+            row.rates.append(stats["steady_images_per_s"])
+            row.peak_rss_bytes = max(row.peak_rss_bytes, peak)
+            firsts.append(stats["first_record_s"])
+            row.extra["wall_images_per_s"] = stats["images_per_s"]
+            row.extra["busy"] = stats["busy"]
+    row.extra["first_record_s"] = statistics.median(firsts)
+    return row
+
+
+def _symlink_corpus(paths: list[Path], folder: Path, n: int) -> Path:
+    """A folder of ``n`` distinct names linking to the corpus files (a big job without the disk)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        link = folder / f"{i:06d}.jpg"
+        if not link.exists():
+            link.symlink_to(paths[i % len(paths)])
+    return folder
+
+
+def run_suite(cfg: BenchConfig) -> dict:
+    """Measure every row; returns the report as a dict (see ``report.py``)."""
+    from wanwu.pipeline.config import cpu_count
+    from wanwu.pipeline.pack import pack
+
+    workdir = Path(cfg.workdir or Path(tempfile.gettempdir()) / "wanwu-bench")
+    workdir.mkdir(parents=True, exist_ok=True)
+    cores = cpu_count()
+    paths = build_corpus(workdir / f"corpus-{cfg.images}", cfg.images)
+    str_paths = [str(p) for p in paths]
+    archive = workdir / f"corpus-{cfg.images}-256.lmdb"
+    if not archive.exists():
+        pack([str(workdir / f"corpus-{cfg.images}")], str(archive), resize_shorter=256)
+    naive_paths = str_paths[: cfg.naive_images] if cfg.naive_images else str_paths
+    common = {"model": cfg.model, "paths": str_paths}
+    rows = [
+        _measure(Row("naive"), "naive", {**common, "paths": naive_paths, "threads": cores}, cfg.repeats),
+        _measure(Row("dataloader"), "dataloader", {**common, "threads": cores, "workers": cores}, cfg.repeats),
+        _measure(Row("decode only"), "decode", {**common, "processes": cores, "decoder": "auto"}, cfg.repeats),
+        _measure(Row("inference only"), "inference", {**common, "batch_size": 32, "engine": "auto"}, cfg.repeats),
+        _wanwu(Row("wanwu"), [str(workdir / f"corpus-{cfg.images}")], workdir, cfg.repeats),
+        _wanwu(Row("wanwu lmdb-256"), [str(archive)], workdir, cfg.repeats),
+    ]
+    by = {r.name: r for r in rows}
+    machine_limit = limit(by["decode only"].rate, by["inference only"].rate)
+    memory = {}
+    for n in cfg.memory_images:
+        folder = _symlink_corpus(paths, workdir / f"links-{n}", n)
+        memory[n] = _wanwu(Row(f"wanwu {n}"), [str(folder)], workdir, 1).peak_rss_bytes
+    return {
+        "machine": machine_description(),
+        "config": asdict(cfg),
+        "rows": [{"name": r.name, "images_per_s": r.rate, "runs": r.rates, "peak_rss_mb": r.peak_rss_bytes / 2**20,
+                  **r.extra} for r in rows],
+        "limit_images_per_s": machine_limit,
+        "efficiency": by["wanwu"].rate / machine_limit if machine_limit else 0.0,
+        "memory_by_job_size_mb": {str(n): b / 2**20 for n, b in memory.items()},
+    }
+
+
+def machine_description() -> dict:
+    """CPU, cores, bf16 support and library versions, for the report."""
+    from importlib import metadata
+
+    from wanwu.pipeline.config import cpu_count
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
+    versions = {}
+    for dist in ("wanwu", "torch", "openvino", "onnxruntime", "simplejpeg", "nvidia-dali-cuda120", "numpy", "pillow"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {
+        "cpu": model, "cores": cpu_count(), "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": sys.version.split()[0], "versions": versions,
+    }
