@@ -4,7 +4,7 @@ Each row runs in fresh processes ``repeats`` times after one warm-up run; the
 table reports the median images/s and the peak resident memory of the row's
 whole process tree. Start-up (model load) is excluded everywhere: the
 baselines load their model before the clock starts, and wanwu's figure is its
-steady rate after the first records (``JobResult.steady_images_per_s``).
+rate once its model is loaded (``--hold-until-ready``: no input is read before).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _wanwu(row: Row, inputs: list[str], workdir: Path, repeats: int, extra: list
         out = workdir / "results.jsonl"
         out.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "wanwu", "run", *inputs, "--out", str(out), "--progress", "none",
-               "--stats-json", str(stats_path), *extra]
+               "--stats-json", str(stats_path), "--hold-until-ready", *extra]
         _, peak = _timed(cmd)
         stats = json.loads(stats_path.read_text())
         if i:

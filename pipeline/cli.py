@@ -62,6 +62,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="bar on a terminal, log lines otherwise")
     p.add_argument("--stats-json", metavar="PATH", default=None,
                    help="also write the job's counts and timings as JSON (for benchmarks)")
+    p.add_argument("--hold-until-ready", action="store_true",
+                   help="read no input until the model is loaded, so timings exclude start-up (for benchmarks)")
     p.set_defaults(func=_cmd_run)
 
 
@@ -124,6 +126,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         inputs=tuple(args.inputs), out=args.out, model=args.model, engine=args.engine, decoder=args.decoder,
         decoders=args.decoders, batch_size=args.batch_size, top_k=args.top_k, max_pixels=args.max_pixels,
         device=args.device, precision=args.precision, threads=args.threads, progress=args.progress,
+        hold_until_ready=args.hold_until_ready,
     )
     for location in cfg.inputs:
         from wanwu.stages.sources.base import source_kind

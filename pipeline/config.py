@@ -42,6 +42,7 @@ class JobConfig:
     max_wait_ms: float = 50.0  # run a partial batch after the input stream pauses this long
     progress: str = "auto"  # auto | bar | log | none
     log_interval_s: float = 10.0  # between progress lines when not on a terminal
+    hold_until_ready: bool = False  # read no input before the model is loaded (clean timings for benchmarks)
 
     def __post_init__(self) -> None:
         if not self.inputs:

@@ -30,7 +30,7 @@ import zmq
 from wanwu.errors import StageError, TransportError
 from wanwu.pipeline import transport
 from wanwu.pipeline.config import JobConfig
-from wanwu.pipeline.messages import STOP, Event
+from wanwu.pipeline.messages import GO, STOP, Event
 from wanwu.pipeline.progress import Progress
 from wanwu.pipeline.shm import SlotPool, reclaim_stale_segments
 from wanwu.pipeline.transport import Endpoints, make_job_dir, reclaim_stale_job_dirs
@@ -51,13 +51,13 @@ class JobResult:
     ok: int = 0  # records with labels written this run
     errors: int = 0  # error records written this run
     skipped: int = 0  # inputs already in the output (resumed)
+    prior_errors: int = 0  # error records among those
     total: int | None = None  # inputs this run had to process
     elapsed_s: float = 0.0
     busy: dict[str, float] = field(default_factory=dict)  # stage -> busy share of its wall time
     failure: str = ""  # why the job failed
     ready_s: float | None = None  # from start until every worker was ready (model loaded)
     first_record_s: float | None = None  # from start until the sink reported its first records
-    first_records: int = 0  # how many records that first report counted
 
     @property
     def images_per_s(self) -> float:
@@ -65,12 +65,13 @@ class JobResult:
 
     @property
     def steady_images_per_s(self) -> float:
-        """Throughput after the first records: start-up and warm-up excluded."""
-        if self.first_record_s is None:
-            return 0.0
-        window = self.elapsed_s - self.first_record_s
-        n = self.ok + self.errors - self.first_records
-        return n / window if window > 0 and n > 0 else 0.0
+        """Throughput once every worker was ready: start-up excluded.
+
+        Exact with ``hold_until_ready`` (no input is read before); otherwise
+        flattered by whatever the decoders did while the model loaded.
+        """
+        window = self.elapsed_s - (self.ready_s or 0.0)
+        return (self.ok + self.errors) / window if window > 0 else 0.0
 
     def to_dict(self) -> dict:
         """Everything, for ``--stats-json``."""
@@ -81,16 +82,17 @@ class JobResult:
 
     @property
     def exit_code(self) -> int:
-        """0 all recognised, 3 some error records, 1 the job could not run, 130 interrupted."""
+        """0 all recognised, 3 the output holds error records (this run's or a resumed run's),
+        1 the job could not run, 130 interrupted."""
         if self.status == "failed":
             return 1
         if self.status == "interrupted":
             return 130
-        return 3 if self.errors else 0
+        return 3 if self.errors or self.prior_errors else 0
 
     def summary(self, out: str) -> str:
         """The final summary: counts, throughput and each stage's busy share."""
-        earlier = f", {self.skipped} already done" if self.skipped else ""
+        earlier = f", {self.skipped} already done ({self.prior_errors} errors)" if self.skipped else ""
         lines = [
             f"wanwu: {self.status}: {self.ok} recognised, {self.errors} errors{earlier} "
             f"in {self.elapsed_s:.1f} s ({self.images_per_s:.1f} images/s) -> {out}"
@@ -119,7 +121,7 @@ class Job:
         sink = create_sink(self.cfg.out)
         done = sink.open()  # repairs a torn tail left by a crash
         sink.close()
-        self.result.skipped = len(done)
+        self.result.skipped, self.result.prior_errors = len(done), sink.prior_errors
         job_dir = make_job_dir()
         n_slots = self.cfg.slots_per_decoder * self.cfg.decoders
         pool = SlotPool.create(model.preprocess.frame, n_slots)
@@ -137,7 +139,7 @@ class Job:
             del done
             base = WorkerSpec("", 0, self.cfg, endpoints, str(pool.path), model.preprocess, n_slots, done_path)
             self._start_workers(base)
-            self._watch(events, pool, Progress(self.cfg.progress, self.cfg.log_interval_s, self.result.skipped))
+            self._watch(events, control, pool, Progress(self.cfg.progress, self.cfg.log_interval_s, self.result.skipped))
             control.send(STOP)
             self._collect_stats(events)
         except KeyboardInterrupt:
@@ -171,7 +173,7 @@ class Job:
             name = f"decoder-{index}" if role == "decoder" else role
             self.procs[name] = proc
 
-    def _watch(self, events: zmq.Socket, pool: SlotPool, progress: Progress) -> None:
+    def _watch(self, events: zmq.Socket, control: zmq.Socket, pool: SlotPool, progress: Progress) -> None:
         """Follow events until the sink has every record; raise on a dead or failed worker."""
         attached: set[str] = set()
         ready: set[str] = set()
@@ -194,7 +196,6 @@ class Job:
                         self.result.total = event.data["total"]
                         if self.result.first_record_s is None and self.result.ok + self.result.errors:
                             self.result.first_record_s = self._since_start()
-                            self.result.first_records = self.result.ok + self.result.errors
                         progress.update(self.result.ok, self.result.errors, self.result.total)
                         if event.kind == "done":
                             self.result.elapsed_s = self._since_start()
@@ -207,6 +208,8 @@ class Job:
                         raise StageError(self.result.failure)
                     elif event.kind == "stats":
                         self._record_stats(event)
+                if self.result.ready_s is not None and self.result.first_record_s is None:
+                    control.send(GO)  # repeated until heard: a late subscriber must not miss it
                 self._check_alive()
                 progress.tick(self.result.ok, self.result.errors, self.result.total)
         except StageError:

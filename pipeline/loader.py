@@ -54,6 +54,9 @@ class LoaderWorker(Worker):
                 yield source, item, job_key(location, item, several)
 
     def _loop(self) -> None:
+        if self.job.hold_until_ready:
+            while not (self.stopped() or self.go):
+                self.control.poll(50)
         emitted = 0
         seen: set[str] = set()
         for source, item, key in self._items():

@@ -79,6 +79,7 @@ class Event:
 
 
 STOP = b"stop"  # the owner's broadcast to every worker
+GO = b"go"  # the owner's broadcast once every worker is ready (heeded by a loader told to hold)
 
 
 def dumps(msg: object) -> bytes:

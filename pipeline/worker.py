@@ -23,7 +23,7 @@ import zmq
 
 from wanwu.pipeline import transport
 from wanwu.pipeline.config import JobConfig
-from wanwu.pipeline.messages import STOP, Event
+from wanwu.pipeline.messages import GO, STOP, Event
 from wanwu.pipeline.shm import SlotPool
 from wanwu.pipeline.transport import Endpoints
 from wanwu.specs import FrameSpec, Preprocess
@@ -72,6 +72,7 @@ class Worker(ABC):
         self.busy_s = 0.0
         self.items = 0
         self._stopped = False
+        self.go = False  # the owner said every worker is ready
         self._t_start = time.perf_counter()
 
     @property
@@ -83,11 +84,13 @@ class Worker(ABC):
 
     def stopped(self) -> bool:
         """True once the owner has broadcast stop (checked without blocking)."""
-        if not self._stopped:
+        while not self._stopped:
             try:
-                self._stopped = self.control.recv(zmq.NOBLOCK) == STOP
+                msg = self.control.recv(zmq.NOBLOCK)
             except zmq.Again:
-                pass
+                break
+            self._stopped = msg == STOP
+            self.go = self.go or msg == GO
         return self._stopped
 
     @contextmanager

@@ -94,8 +94,8 @@ def test_rerun_of_a_finished_job_writes_nothing_new(folder_run, mixed_folder):
     _, out = folder_run
     before = out.read_bytes()
     proc = run_wanwu("run", str(folder), "--out", str(out), "--progress", "none")
-    assert proc.returncode == 0, proc.stderr
-    assert "0 recognised, 0 errors, 10 already done" in proc.stderr
+    assert proc.returncode == 3, "the output still holds error records: " + proc.stderr
+    assert "0 recognised, 0 errors, 10 already done (5 errors)" in proc.stderr
     assert out.read_bytes() == before
 
 
@@ -208,3 +208,18 @@ def test_a_worker_that_cannot_start_fails_the_job_with_exit_1(tmp_path):
         pytest.skip("a CUDA device is present")
     assert proc.returncode == 1, proc.stderr
     assert "inference" in proc.stderr
+
+
+def test_stats_json_and_hold_until_ready(tmp_path):
+    from conftest import REPO
+
+    stats = tmp_path / "stats.json"
+    proc = run_wanwu("run", str(REPO / "samples"), "--out", str(tmp_path / "r.jsonl"), "--progress", "none",
+                     "--hold-until-ready", "--stats-json", str(stats), "--decoders", "1")
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(stats.read_text())
+    assert s["ok"] == 4 and s["errors"] == 0 and s["exit_code"] == 0
+    # Held: nothing was read before every worker was ready, so the first record comes after.
+    assert 0 < s["ready_s"] < s["first_record_s"] <= s["elapsed_s"]
+    assert s["steady_images_per_s"] > 0
+    assert set(s["busy"]) == {"loader", "decoder-0", "inference", "sink"}

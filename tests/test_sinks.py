@@ -214,3 +214,16 @@ def test_records_survive_sigkill_right_after_write(tmp_path: Path, kind: str) ->
     assert done == {f"{b}-{i}.jpg" for b in range(3) for i in range(100)}
     sink.close()
     assert len(read_records(str(path))) == 300
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_open_counts_the_error_records_already_written(tmp_path: Path, kind: str) -> None:
+    path = out_path(tmp_path, kind)
+    sink, _ = opened(path)
+    assert sink.prior_errors == 0
+    sink.write([record("a.jpg"), error_record("b.jpg"), error_record("c.jpg"), error_record("b.jpg")])
+    sink.close()
+    sink, done = opened(path)
+    assert done == {"a.jpg", "b.jpg", "c.jpg"}
+    assert sink.prior_errors == 2
+    sink.close()

@@ -30,11 +30,12 @@ class Sink(ABC):
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.prior_errors = 0  # error records already in the output, counted by open()
         self._closed = False
 
     @abstractmethod
     def open(self) -> set[str]:
-        """Create or repair the output; return the keys it already holds."""
+        """Create or repair the output; return the keys it already holds and set ``prior_errors``."""
 
     @abstractmethod
     def write(self, records: Iterable[Record]) -> None:

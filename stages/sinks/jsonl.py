@@ -59,7 +59,7 @@ class JsonlSink(Sink):
             raise SinkError(f"cannot open {self.path!r} for writing: {exc}") from exc
         try:
             _lock(handle, self.path)
-            keys, good_end = _read_ledger(self.path)
+            keys, good_end, self.prior_errors = _read_ledger(self.path)
             size = os.fstat(handle.fileno()).st_size
             if good_end < size:
                 logger.warning(
@@ -138,14 +138,16 @@ class JsonlSink(Sink):
             raise SinkError(f"cannot read {path!r}: {exc}") from exc
 
 
-def _read_ledger(path: str) -> tuple[set[str], int]:
-    """The keys in ``path`` and the offset just after its last whole, valid record."""
+def _read_ledger(path: str) -> tuple[set[str], int, int]:
+    """The keys in ``path``, how many are errors, and the offset after its last whole, valid record."""
     keys: set[str] = set()
-    good_end = 0
+    good_end = errors = 0
     with open(path, "rb") as lines:
         for record, good_end in _records(lines, path):
+            if record["key"] not in keys and record.get("error") is not None:
+                errors += 1
             keys.add(record["key"])
-    return keys, good_end
+    return keys, good_end, errors
 
 
 def _records(lines: IO[bytes], path: str) -> Iterator[tuple[Record, int]]:

@@ -75,6 +75,7 @@ class SqliteSink(Sink):
                 conn.close()
                 raise
             self._conn = conn
+        self.prior_errors = _count_errors(self._conn, self.path)
         return _keys(self._conn, self.path)
 
     def write(self, records: Iterable[Record]) -> None:
@@ -179,6 +180,13 @@ def _keys(conn: sqlite3.Connection, path: str) -> set[str]:
         return {row[0] for row in conn.execute("SELECT key FROM results")}
     except sqlite3.Error as exc:
         raise SinkError(f"cannot read keys from {path!r}: {exc}") from exc
+
+
+def _count_errors(conn: sqlite3.Connection, path: str) -> int:
+    try:
+        return conn.execute("SELECT COUNT(*) FROM results WHERE error IS NOT NULL").fetchone()[0]
+    except sqlite3.Error as exc:
+        raise SinkError(f"cannot count error records in {path!r}: {exc}") from exc
 
 
 def _row(record: Record) -> tuple[Any, ...]:
