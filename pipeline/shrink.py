@@ -11,20 +11,11 @@ import simplejpeg
 from PIL import Image
 
 from wanwu.errors import ConfigError
+from wanwu.stages.decoders.probe import EXIF_TRANSPOSE
 
 logger = logging.getLogger(__name__)
 
 _ORIENTATION_TAG = 0x0112
-# EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose).
-_UPRIGHT = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
 
 
 @dataclass(frozen=True)
@@ -75,7 +66,7 @@ def shrink_image(data: bytes, shorter: int, quality: int) -> bytes:
         image.draft("RGB", size)
         # BILINEAR in Pillow widens its kernel when shrinking, so it antialiases.
         small = image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
-    upright = _UPRIGHT.get(orientation)
+    upright = EXIF_TRANSPOSE.get(orientation)
     if upright is not None:
         small = small.transpose(upright)
     return simplejpeg.encode_jpeg(np.asarray(small), quality=quality, colorspace="RGB")

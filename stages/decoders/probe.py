@@ -19,6 +19,17 @@ from wanwu.errors import DecodeError, PixelLimitError
 
 logger = logging.getLogger(__name__)
 
+# EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose).
+EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
 # We check sizes ourselves (PixelLimitError, per-job limit); Pillow's process-wide
 # guard would otherwise warn above 89 MP and raise above 179 MP regardless of config.
 Image.MAX_IMAGE_PIXELS = None

@@ -31,6 +31,7 @@ from wanwu.kernels.geometry import (
 from wanwu.specs import ImageInfo
 from wanwu.stages.decoders.base import Decoder
 from wanwu.stages.decoders.probe import (
+    EXIF_TRANSPOSE,
     check_pixels,
     jpeg_orientation,
     open_pillow,
@@ -41,16 +42,6 @@ from wanwu.stages.decoders.probe import (
 
 logger = logging.getLogger(__name__)
 
-# EXIF orientation -> the transpose ImageOps.exif_transpose applies for it.
-_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
 # libjpeg-turbo's TurboJPEG API cannot turn these into RGB correctly (Adobe's
 # inverted CMYK in particular); Pillow can.
 _PILLOW_JPEG_COLORSPACES = frozenset({"CMYK", "YCCK"})
@@ -170,8 +161,8 @@ def _resize_into(im: Image.Image, box: Box, orientation: int, out: np.ndarray) -
     """Resize ``box`` of ``im`` to ``out``'s size, orient it and write 8-bit RGB into ``out``."""
     side = out.shape[0]
     small = im.resize((side, side), Image.Resampling.BILINEAR, box=clamp_box(box, im.size))
-    if orientation in _TRANSPOSE:
-        small = small.transpose(_TRANSPOSE[orientation])
+    if orientation in EXIF_TRANSPOSE:
+        small = small.transpose(EXIF_TRANSPOSE[orientation])
     arr = np.asarray(small)
     if small.mode == "L":
         out[...] = arr[:, :, None]
