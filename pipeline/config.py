@@ -18,8 +18,13 @@ def cpu_count() -> int:
 
 
 def default_decoders() -> int:
-    """Decoder processes: all cores but the one the inference process mostly needs."""
-    return max(1, cpu_count() - 1)
+    """Decoder processes: one per core.
+
+    Decoders and inference share the cores; with one decoder fewer than cores, a
+    core idles whenever the model is not running (measured on 2 cores: 145
+    against 170 images/s).
+    """
+    return cpu_count()
 
 
 @dataclass(frozen=True)
