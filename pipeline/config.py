@@ -31,7 +31,7 @@ def default_decoders() -> int:
 class JobConfig:
     """Everything ``wanwu run`` needs."""
 
-    inputs: tuple[str, ...]  # folders, LMDB archives, or @list.txt files
+    inputs: tuple[str, ...]  # folders, LMDB archives, or @list.txt files (none for the daemon)
     out: str  # results.jsonl or results.sqlite; also the resume ledger
     model: str = "efficientnet_lite0"  # registered model name
     engine: str = "auto"  # auto | openvino | torch | onnxruntime
@@ -45,13 +45,14 @@ class JobConfig:
     threads: int = 0  # inference threads, 0 = all cores
     slots: int = 0  # shared-memory frame slots, 0 = sized from batch size and decoders
     max_wait_ms: float = 50.0  # run a partial batch after the input stream pauses this long
+    max_queue_delay_ms: float = float("inf")  # run a partial batch once its oldest image waited this long
+    preferred_batch_sizes: tuple[int, ...] = ()  # batch sizes to run without waiting for more
+    restartable: bool = False  # workers may be restarted (the daemon): decoders get two slot ranges
     progress: str = "auto"  # auto | bar | log | none
     log_interval_s: float = 10.0  # between progress lines when not on a terminal
     hold_until_ready: bool = False  # read no input before the model is loaded (clean timings for benchmarks)
 
     def __post_init__(self) -> None:
-        if not self.inputs:
-            raise ConfigError("expected at least one input folder, archive or @list.txt")
         positive = {"decoders": self.decoders, "batch_size": self.batch_size, "top_k": self.top_k,
                     "max_pixels": self.max_pixels}
         for name, value in positive.items():
@@ -63,6 +64,25 @@ class JobConfig:
             raise ConfigError(
                 f"--slots must be at least batch size + decoders ({self.batch_size + self.decoders}), got {self.slots}"
             )
+
+    @property
+    def batch_policy(self) -> "BatchPolicy":
+        from wanwu.pipeline.batching import BatchPolicy
+
+        return BatchPolicy(self.batch_size, self.max_queue_delay_ms, self.max_wait_ms, self.preferred_batch_sizes)
+
+    @property
+    def n_slots(self) -> int:
+        """Slots in the pool: each decoder's share, twice over when a restarted decoder
+        must not write where its dead predecessor's images may still wait."""
+        return self.slots_per_decoder * self.decoders * (2 if self.restartable else 1)
+
+    def slot_range(self, decoder: int, generation: int) -> range:
+        """The slots decoder ``decoder`` writes in its ``generation``-th incarnation."""
+        per = self.slots_per_decoder
+        halves = 2 if self.restartable else 1
+        first = (decoder * halves + generation % halves) * per
+        return range(first, first + per)
 
     @property
     def slots_per_decoder(self) -> int:

@@ -27,9 +27,8 @@ class DecoderWorker(Worker):
 
     def _setup(self) -> None:
         ep = self.spec.endpoints
-        per = self.job.slots_per_decoder
-        first = self.spec.index * per
-        self.free: deque[int] = deque(range(first, first + per))
+        self.mine = self.job.slot_range(self.spec.index, self.spec.generation)
+        self.free: deque[int] = deque(self.mine)
         self.work = transport.socket(self.ctx, zmq.PULL, ep.work, bind=False, hwm=2)
         self.release = transport.socket(self.ctx, zmq.PULL, ep.release(self.spec.index), bind=True)
         self.decoded = transport.socket(self.ctx, zmq.PUSH, ep.decoded, bind=False)
@@ -58,7 +57,8 @@ class DecoderWorker(Worker):
             except zmq.Again:
                 return
             assert isinstance(msg, Release)
-            self.free.extend(msg.slots)
+            # A predecessor's slots may still come back after a restart: not ours to reuse.
+            self.free.extend(s for s in msg.slots if s in self.mine)
 
     def _decode_available(self) -> None:
         """Decode as many queued items as there are free slots, as one batch."""
@@ -83,7 +83,8 @@ class DecoderWorker(Worker):
                 self.free.append(slot)
                 errors.append(error_record(item.key, item.source, self.job.model, result, item.t0))
             else:
-                transport.send(self.decoded, Decoded(item.key, item.source, slot, result.width, result.height, item.t0))
+                transport.send(self.decoded, Decoded(item.key, item.source, slot, result.width, result.height,
+                                                     item.t0, self.spec.index, self.spec.generation))
         if errors:
             transport.send(self.records, Records(tuple(errors)))
         self.items += len(items)

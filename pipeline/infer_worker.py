@@ -42,35 +42,47 @@ class InferenceWorker(Worker):
         self.engine = create_engine(self.job.engine, self.model, cfg)
         self.engine.load()
         self.batch = np.empty((self.job.batch_size, *self.spec.frame.shape), np.uint8)
+        self.generation: dict[int, int] = {}  # newest incarnation seen, per decoder
         logger.info("engine %s ready (%s)", self.engine.name, self.engine.precision)
 
     def _loop(self) -> None:
-        pending: list[Decoded] = []
+        policy = self.job.batch_policy
+        pending: list[tuple[float, Decoded]] = []  # (arrival time, message)
         last_arrival = time.perf_counter()
-        wait_s = self.job.max_wait_ms / 1000.0
-        bs = self.job.batch_size
         while not self.stopped():
-            idle_s = time.perf_counter() - last_arrival
-            timeout_ms = max(0.0, wait_s - idle_s) * 1000.0 if pending else 200.0
-            if self.decoded.poll(timeout_ms):
-                while True:
-                    try:
-                        msg, _ = transport.recv(self.decoded, zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    pending.append(msg)  # type: ignore[arg-type]
+            now = time.perf_counter()
+            oldest = now - pending[0][0] if pending else 0.0
+            if self.decoded.poll(policy.wait_s(len(pending), oldest, now - last_arrival) * 1000.0):
                 last_arrival = time.perf_counter()
-            while len(pending) >= bs:
-                self._run_batch(pending[:bs])
-                del pending[:bs]
-            # A partial batch runs once the stream pauses (its end, or decoders all busy on big images).
-            if pending and time.perf_counter() - last_arrival >= wait_s:
-                self._run_batch(pending)
-                pending = []
+                for msg in self._drain():
+                    pending.append((last_arrival, msg))
+            while pending:
+                now = time.perf_counter()
+                n = policy.take(len(pending), now - pending[0][0], now - last_arrival)
+                if not n:
+                    break
+                self._run_batch([m for _, m in pending[:n]], now - pending[0][0])
+                del pending[:n]
 
-    def _run_batch(self, items: list[Decoded]) -> None:
+    def _drain(self) -> list[Decoded]:
+        """Waiting messages, minus those of decoders that have since been restarted."""
+        out = []
+        while True:
+            try:
+                msg, _ = transport.recv(self.decoded, zmq.NOBLOCK)
+            except zmq.Again:
+                return [m for m in out if m.generation >= self.generation.get(m.decoder, 0)]
+            assert isinstance(msg, Decoded)
+            # A newer incarnation of a decoder means its predecessor died: the images it
+            # had handed over may sit in slots its successor reuses two restarts on, and
+            # the daemon retries them anyway. Never read them.
+            self.generation[msg.decoder] = max(self.generation.get(msg.decoder, 0), msg.generation)
+            out.append(msg)
+
+    def _run_batch(self, items: list[Decoded], waited_s: float) -> None:
         assert self.pool is not None
         n = len(items)
+        t = time.perf_counter()
         with self.busy():
             batch = self.pool.gather([m.slot for m in items], out=self.batch[:n])
             self._release(items)
@@ -79,12 +91,13 @@ class InferenceWorker(Worker):
             records = self._records(items, scores, class_ids)
         transport.send(self.records, Records(records))
         self.items += n
+        if self.job.restartable:  # the daemon's metrics: batch sizes, queue and compute time
+            self.emit("batch", size=n, queue_s=waited_s, compute_s=time.perf_counter() - t)
 
     def _release(self, items: list[Decoded]) -> None:
-        per = self.job.slots_per_decoder
         by_decoder: dict[int, list[int]] = defaultdict(list)
         for m in items:
-            by_decoder[m.slot // per].append(m.slot)
+            by_decoder[m.decoder].append(m.slot)
         for decoder, slots in by_decoder.items():
             transport.send(self.release[decoder], Release(tuple(slots)))
 

@@ -123,7 +123,7 @@ class Job:
         sink.close()
         self.result.skipped, self.result.prior_errors = len(done), sink.prior_errors
         job_dir = make_job_dir()
-        n_slots = self.cfg.slots_per_decoder * self.cfg.decoders
+        n_slots = self.cfg.n_slots
         pool = SlotPool.create(model.preprocess.frame, n_slots)
         ctx = zmq.Context()
         control: zmq.Socket | None = None

@@ -34,6 +34,8 @@ class Decoded:
     width: int
     height: int
     t0: float
+    decoder: int = 0  # which decoder owns the slot
+    generation: int = 0  # that decoder's incarnation (restarts count up)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ class WorkerSpec:
     preprocess: Preprocess  # the model's geometry; one slot is preprocess.frame
     n_slots: int  # slots in the pool
     done_keys_path: str = ""  # loader: pickled set of keys already in the output
+    generation: int = 0  # restarts of this worker so far (the daemon restarts dead workers)
 
     @property
     def frame(self) -> FrameSpec:
