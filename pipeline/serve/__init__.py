@@ -1,0 +1,1 @@
+"""``wanwu serve``: the recognition daemon (front doors, dynamic batching, supervision)."""
