@@ -14,6 +14,7 @@ import sys
 
 from wanwu import __version__
 from wanwu.errors import ConfigError, WanwuError
+from wanwu.pipeline.cli_models import MODEL_HELP, add_model_options, add_models_parser, model_options
 from wanwu.pipeline.config import JobConfig, cpu_count, default_decoders
 from wanwu.stages.decoders.base import DEFAULT_MAX_PIXELS
 
@@ -43,7 +44,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="a folder (searched recursively), an LMDB archive made by `wanwu pack`, or @list.txt")
     p.add_argument("--out", "-o", required=True,
                    help="results.jsonl or results.sqlite; also the resume ledger")
-    p.add_argument("--model", default="efficientnet_lite0", help="registered model name")
+    p.add_argument("--model", default="efficientnet_lite0", help=MODEL_HELP)
     p.add_argument("--engine", default="auto", choices=["auto", "openvino", "torch", "onnxruntime"],
                    help="inference engine; auto picks the fastest installed for the device")
     p.add_argument("--decoder", default="auto", choices=["auto", "turbo", "dali"],
@@ -64,6 +65,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="also write the job's counts and timings as JSON (for benchmarks)")
     p.add_argument("--hold-until-ready", action="store_true",
                    help="read no input until the model is loaded, so timings exclude start-up (for benchmarks)")
+    add_model_options(p)
     p.set_defaults(func=_cmd_run)
 
 
@@ -116,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pack(sub)
     _add_show(sub)
     _add_bench(sub)
+    add_models_parser(sub)
     return parser
 
 
@@ -126,8 +129,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         inputs=tuple(args.inputs), out=args.out, model=args.model, engine=args.engine, decoder=args.decoder,
         decoders=args.decoders, batch_size=args.batch_size, top_k=args.top_k, max_pixels=args.max_pixels,
         device=args.device, precision=args.precision, threads=args.threads, progress=args.progress,
-        hold_until_ready=args.hold_until_ready,
+        hold_until_ready=args.hold_until_ready, weights=args.weights, labels=args.labels,
+        mean=tuple(args.mean or ()), std=tuple(args.std or ()), resize_shorter=args.resize_shorter or 0,
+        crop=args.crop or 0,
     )
+    _check_model(args)
     for location in cfg.inputs:
         from wanwu.stages.sources.base import source_kind
 
@@ -140,6 +146,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         with open(args.stats_json, "w", encoding="utf-8") as f:
             json.dump(result.to_dict(), f, indent=2)
     return result.exit_code
+
+
+def _check_model(args: argparse.Namespace) -> None:
+    """Fail fast, before starting processes, on a model that cannot be found or run by the engine."""
+    from wanwu.stages.engines.base import check_engine_runs, resolve_engine_name
+    from wanwu.stages.models.resolve import resolve_model
+
+    spec = resolve_model(args.model, **model_options(args))
+    check_engine_runs(resolve_engine_name(args.engine, args.device, spec.format), spec)
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
@@ -161,8 +176,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
         if rec["error"]:
             print(f"{rec['key']}\t错误 error: {rec['error']['type']}: {rec['error']['message']}")
         else:
-            labels = "；".join(f"{l['label']} ({l['label_en'].split(',')[0]}) {l['score']:.1%}"
-                              for l in rec["labels"][: args.top])
+            labels = "；".join(
+                f"{l['label']} ({l['label_en'].split(',')[0]}) {l['score']:.1%}" if l["label_en"]
+                else f"{l['label']} {l['score']:.1%}"  # 万物识别 labels are Chinese only
+                for l in rec["labels"][: args.top])
             print(f"{rec['key']}\t{rec['width']}x{rec['height']}\t{labels}")
     return EXIT_OK
 

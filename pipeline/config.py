@@ -33,7 +33,13 @@ class JobConfig:
 
     inputs: tuple[str, ...]  # folders, LMDB archives, or @list.txt files (none for the daemon)
     out: str  # results.jsonl or results.sqlite; also the resume ledger
-    model: str = "efficientnet_lite0"  # registered model name
+    model: str = "efficientnet_lite0"  # registered name, modelscope:DIR, timm:NAME, onnx:FILE, openvino:FILE.xml
+    weights: str = ""  # checkpoint (timm:NAME) or ModelScope folder; "" for the model's own
+    labels: str = ""  # label file (.txt or .json); "" for the model's own
+    mean: tuple[float, ...] = ()  # per-channel mean override on [0, 1] values; () for the model's
+    std: tuple[float, ...] = ()  # per-channel std override; () for the model's
+    resize_shorter: int = 0  # decoder resize override in pixels; 0 for the model's
+    crop: int = 0  # center-crop override in pixels; 0 for the model's
     engine: str = "auto"  # auto | openvino | torch | onnxruntime
     decoder: str = "auto"  # auto | turbo | dali
     decoders: int = field(default_factory=default_decoders)  # decoder processes
@@ -83,6 +89,11 @@ class JobConfig:
         halves = 2 if self.restartable else 1
         first = (decoder * halves + generation % halves) * per
         return range(first, first + per)
+
+    def model_options(self) -> dict:
+        """Keyword arguments for ``resolve_model(self.model, **...)``: the model overrides."""
+        return {"weights": self.weights, "labels": self.labels, "mean": self.mean or None,
+                "std": self.std or None, "resize_shorter": self.resize_shorter or None, "crop": self.crop or None}
 
     @property
     def slots_per_decoder(self) -> int:

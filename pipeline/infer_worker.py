@@ -35,7 +35,7 @@ class InferenceWorker(Worker):
         self.release = [
             transport.socket(self.ctx, zmq.PUSH, ep.release(i), bind=False) for i in range(self.job.decoders)
         ]
-        self.model = get_model_spec(self.job.model)
+        self.model = get_model_spec(self.job.model, **self.job.model_options())
         labels = self.model.labels()
         self.label_zh, self.label_en = labels.zh, labels.en
         cfg = EngineConfig(self.job.device, self.job.precision, self.job.threads, self.job.batch_size)

@@ -117,7 +117,7 @@ class Job:
     def run(self) -> JobResult:
         reclaim_stale_segments()
         reclaim_stale_job_dirs()
-        model = get_model_spec(self.cfg.model)  # light: no framework import
+        model = get_model_spec(self.cfg.model, **self.cfg.model_options())  # light: no framework import
         sink = create_sink(self.cfg.out)
         done = sink.open()  # repairs a torn tail left by a crash
         sink.close()

@@ -120,3 +120,129 @@ def wanwu_cmd(*args: str) -> list[str]:
 def run_wanwu(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """Run the real CLI in a child process."""
     return subprocess.run(wanwu_cmd(*args), capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+# --- 万物识别 (ModelScope general recognition) stand-ins: the real weights cannot be downloaded here.
+
+GENERAL_CLASSES = 54_092
+
+
+def original_resnest_shapes(num_classes: int, layers=(3, 4, 23, 3), stem: int = 64, radix: int = 2) -> dict:
+    """Tensor names and shapes of the original ResNeSt code (zhanghang1989/ResNeSt, as ModelScope ships it).
+
+    Written from the original module layout, not from timm: deep stem ``conv1`` (a
+    Sequential of conv, bn, relu, conv, bn, relu, conv), ``bn1``, bottlenecks with a
+    split-attention ``conv2`` (``conv``, ``bn0``, ``fc1``, ``bn1``, ``fc2``), and
+    ``downsample`` = (AvgPool2d, conv, bn) in the first block of each stage.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def bn(prefix: str, channels: int) -> None:
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{prefix}.{key}"] = (channels,)
+        shapes[f"{prefix}.num_batches_tracked"] = ()
+
+    shapes["conv1.0.weight"] = (stem, 3, 3, 3)
+    bn("conv1.1", stem)
+    shapes["conv1.3.weight"] = (stem, stem, 3, 3)
+    bn("conv1.4", stem)
+    shapes["conv1.6.weight"] = (2 * stem, stem, 3, 3)
+    bn("bn1", 2 * stem)
+    inplanes = 2 * stem
+    for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers), start=1):
+        for block in range(blocks):
+            p, width = f"layer{stage}.{block}", planes  # bottleneck_width 64, cardinality 1
+            inter = max(width * radix // 4, 32)
+            shapes[f"{p}.conv1.weight"] = (width, inplanes, 1, 1)
+            bn(f"{p}.bn1", width)
+            shapes[f"{p}.conv2.conv.weight"] = (width * radix, width // radix, 3, 3)  # groups = radix
+            bn(f"{p}.conv2.bn0", width * radix)
+            shapes[f"{p}.conv2.fc1.weight"], shapes[f"{p}.conv2.fc1.bias"] = (inter, width, 1, 1), (inter,)
+            bn(f"{p}.conv2.bn1", inter)
+            shapes[f"{p}.conv2.fc2.weight"], shapes[f"{p}.conv2.fc2.bias"] = (width * radix, inter, 1, 1), (width * radix,)
+            shapes[f"{p}.conv3.weight"] = (planes * 4, width, 1, 1)
+            bn(f"{p}.bn3", planes * 4)
+            if block == 0:
+                shapes[f"{p}.downsample.1.weight"] = (planes * 4, inplanes, 1, 1)
+                bn(f"{p}.downsample.2", planes * 4)
+            inplanes = planes * 4
+    shapes["fc.weight"], shapes["fc.bias"] = (num_classes, 512 * 4), (num_classes,)
+    return shapes
+
+
+def random_resnest_state(shapes: dict, seed: int = 0) -> dict:
+    """Random but well-scaled tensors for ``shapes``: activations stay O(1) through 33 blocks.
+
+    He-initialised convolutions, BatchNorm scales near 1 except a small last one in
+    each block (so the residual sum does not grow), fc at std 0.02.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in shapes.items():
+        t = torch.empty(shape)
+        if key.endswith("num_batches_tracked"):
+            t = torch.tensor(0, dtype=torch.long)
+        elif len(shape) == 4:
+            t.normal_(0, (2.0 / (shape[1] * shape[2] * shape[3])) ** 0.5, generator=g)
+        elif key.endswith("running_var"):
+            t.uniform_(0.5, 1.5, generator=g)
+        elif key.endswith("running_mean"):
+            t.normal_(0, 0.1, generator=g)
+        elif ".bn3.weight" in key:
+            t.uniform_(0.1, 0.3, generator=g)
+        elif key.endswith(".weight") and len(shape) == 1:
+            t.uniform_(0.5, 1.0, generator=g)
+        elif key == "fc.weight":
+            t.normal_(0, 0.02, generator=g)
+        else:
+            t.normal_(0, 0.05, generator=g)
+        state[key] = t
+    return state
+
+
+def write_general_recognition(folder: Path, num_classes: int, seed: int = 0, state: dict | None = None) -> Path:
+    """A ModelScope-style folder: ``pytorch_model.pt`` (DataParallel names in ``{"state_dict"}``),
+    ``meta_info.txt`` (``index<TAB>label``) and a ``configuration.json`` as ModelScope keeps."""
+    import json
+
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if state is None:
+        state = random_resnest_state(original_resnest_shapes(num_classes), seed)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, folder / "pytorch_model.pt")
+    (folder / "meta_info.txt").write_text("".join(f"{i}\t{general_label(i)}\n" for i in range(num_classes)),
+                                          encoding="utf-8")
+    (folder / "configuration.json").write_text(json.dumps({"task": "general-recognition"}), encoding="utf-8")
+    return folder
+
+
+def general_label(class_id: int) -> str:
+    """The made-up Chinese label of ``class_id`` in the stand-in ``meta_info.txt``."""
+    return f"万物{class_id:05d}号"
+
+
+@pytest.fixture(scope="session")
+def general_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A full-size stand-in of ``damo/cv_resnest101_general_recognition``: 54,092 classes, random
+    weights (~630 MB), built once per session."""
+    return write_general_recognition(tmp_path_factory.mktemp("modelscope") / "cv_resnest101_general_recognition",
+                                     GENERAL_CLASSES)
+
+
+@pytest.fixture(scope="session")
+def lite0_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The embedded model exported once per session: float32 and uint8 ONNX, an OpenVINO IR, its labels."""
+    from wanwu.stages.models import export
+    from wanwu.stages.models.resolve import resolve_model
+
+    folder = tmp_path_factory.mktemp("lite0-exports")
+    spec = resolve_model("efficientnet_lite0")
+    return {
+        "onnx_f32": export.export_onnx(spec, folder / "lite0.onnx", input_kind="float32"),
+        "onnx_u8": export.export_onnx(spec, folder / "lite0-u8.onnx", input_kind="uint8"),
+        "ir": export.export_openvino(spec, folder / "lite0.xml"),
+        "labels": export.copy_labels(spec, folder),
+    }

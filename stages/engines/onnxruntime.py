@@ -2,13 +2,17 @@
 
 The uint8-NHWC wrapper (``wrappers.NormalizedInput``) is exported once to ONNX
 and kept in the engine cache, so later starts import neither torch nor timm.
+
+Users' ONNX files (``ModelSpec.format == "onnx"``) run as they are: a float32
+NCHW input gets the batch normalised and transposed in numpy first; a uint8
+NHWC input (preprocessing built in, as ``wanwu models export`` writes) gets the
+pixels unchanged.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +30,8 @@ logger = logging.getLogger(__name__)
 
 OPSET = 17
 ONNX_FORMAT = "u8-nhwc-1"  # bump when the exported graph changes, to invalidate caches
-INPUT_NAME = "pixels"
-OUTPUT_NAME = "logits"
+INPUT_NAME = "pixels"  # = export.INPUT_NAMES["uint8"]
+OUTPUT_NAME = "logits"  # = export.OUTPUT_NAME
 
 # onnxruntime's own exceptions (Fail, InvalidProtobuf, ...) derive from Exception
 # directly, not from RuntimeError; these are the ones a load or a run can raise.
@@ -56,7 +60,11 @@ class OnnxRuntimeEngine(Engine):
 
     def __init__(self, model: ModelSpec, cfg: EngineConfig) -> None:
         super().__init__(model, cfg)
-        self.built_onnx = False  # whether _load exported the model (False: read from cache)
+        self.built_onnx = False  # whether _load exported the model (False: read from cache or a user's file)
+        self._input = INPUT_NAME  # the model's input and output names (a user's file has its own)
+        self._output = OUTPUT_NAME
+        self._normalise: tuple[np.ndarray, np.ndarray] | None = None  # (scale, shift) for float32 NCHW input
+        self._one_at_a_time = False  # the file's batch axis is fixed at 1
 
     def onnx_path(self) -> Path:
         """Where this model's ONNX file lives in the cache (it may not exist yet)."""
@@ -76,8 +84,11 @@ class OnnxRuntimeEngine(Engine):
 
     def _load(self) -> None:
         providers = self._providers()  # fail before a costly export
-        path = self.onnx_path()
-        path, self.built_onnx = cached_file(path.parent.parent, path.parent.name, path.name, self._export)
+        if self.model.format == "onnx":
+            path = Path(self.model.path)
+        else:
+            path = self.onnx_path()
+            path, self.built_onnx = cached_file(path.parent.parent, path.parent.name, path.name, self._export)
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.cfg.threads or cpu_count()
         # One model, one request at a time: parallelism lives inside each op.
@@ -88,38 +99,64 @@ class OnnxRuntimeEngine(Engine):
             self._session = ort.InferenceSession(str(path), options, providers=providers)
         except _ORT_ERRORS as exc:
             raise EngineError(f"expected onnxruntime to load {path}, got: {exc}") from exc
+        if self.model.format == "onnx":
+            self._bind_user_model(path)
         self.precision = "fp32"
+        origin = "user's file" if self.model.format == "onnx" else "exported" if self.built_onnx else "from cache"
         logger.info(
             "onnxruntime engine: %s, fp32, %d threads, %s (ONNX %s)",
-            self.model.name, options.intra_op_num_threads, self._session.get_providers()[0],
-            "exported" if self.built_onnx else "from cache",
+            self.model.name, options.intra_op_num_threads, self._session.get_providers()[0], origin,
         )
+
+    def _bind_user_model(self, path: Path) -> None:
+        """Learn a user's ONNX file's names and input layout; check its shapes against the spec."""
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        if len(inputs) != 1 or not outputs:
+            raise EngineError(f"expected an image classifier with one input in {path}, got {len(inputs)} inputs")
+        port, crop = inputs[0], self.model.preprocess.crop
+        uint8 = port.type == "tensor(uint8)"
+        wanted = ["batch", crop, crop, 3] if uint8 else ["batch", 3, crop, crop]
+        shape = list(port.shape)
+        fits = len(shape) == 4 and all(not isinstance(have, int) or have == want
+                                       for have, want in zip(shape[1:], wanted[1:]))
+        if not fits or port.type not in ("tensor(uint8)", "tensor(float)"):
+            raise EngineError(
+                f"expected {path} to take float32 (n, 3, {crop}, {crop}) or uint8 (n, {crop}, {crop}, 3) "
+                f"input (--crop {crop}), got {port.type} {shape}"
+            )
+        width = outputs[0].shape[-1] if outputs[0].shape else None
+        if isinstance(width, int) and width != self.model.num_classes:
+            raise EngineError(
+                f"expected {path} to output {self.model.num_classes} logits (one per label in "
+                f"{self.model.labels_path}), its output shape is {outputs[0].shape}"
+            )
+        self._input, self._output = port.name, outputs[0].name
+        self._one_at_a_time = shape[0] == 1
+        if not uint8:
+            pre = self.model.preprocess
+            scale = np.array([1.0 / (255.0 * s) for s in pre.std], np.float32)
+            shift = np.array([-m / s for m, s in zip(pre.mean, pre.std)], np.float32)
+            self._normalise = (scale, shift)
 
     def _export(self, folder: Path) -> None:
         """Export the uint8-NHWC wrapper to ``folder/model.onnx``, batch axis dynamic."""
-        import torch
+        from wanwu.stages.models.export import export_onnx
 
-        from wanwu.stages.engines.wrappers import NormalizedInput
-
-        pre = self.model.preprocess
-        module = NormalizedInput(self.model.build_torch(), pre.mean, pre.std).eval()
-        example = torch.zeros(1, pre.crop, pre.crop, 3, dtype=torch.uint8)
-        with torch.no_grad(), warnings.catch_warnings():
-            # The TorchScript exporter (dynamo=False) is deprecated, but the new one
-            # needs onnxscript, which is not a dependency; this one writes a single
-            # self-contained file with a dynamic batch axis.
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            torch.onnx.export(
-                module, (example,), str(folder / "model.onnx"),
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                opset_version=OPSET, dynamo=False,
-            )
+        export_onnx(self.model, folder / "model.onnx", input_kind="uint8", opset=OPSET)
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
+        if self._normalise is not None:
+            scale, shift = self._normalise
+            # (p / 255 - mean) / std as one multiply-add, as the exported wrapper does.
+            pixels = np.ascontiguousarray((batch * scale + shift).transpose(0, 3, 1, 2), dtype=np.float32)
+        else:
+            pixels = np.ascontiguousarray(batch)
         # run() returns fresh arrays, so nothing here aliases the session's buffers.
         try:
-            return self._session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch)})[0]
+            if self._one_at_a_time:
+                return np.concatenate([self._session.run([self._output], {self._input: pixels[i:i + 1]})[0]
+                                       for i in range(len(pixels))])
+            return self._session.run([self._output], {self._input: pixels})[0]
         except _ORT_ERRORS as exc:
             raise EngineError(f"onnxruntime failed on a batch of {len(batch)}: {exc}") from exc
 

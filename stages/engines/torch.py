@@ -30,6 +30,7 @@ class TorchEngine(Engine):
     Precision: on CPU, bf16 autocast when ``cfg.precision`` is ``bf16``, or
     ``auto`` and the CPU has native bf16; on CUDA, ``auto`` means bf16 where the
     GPU supports it, else fp16. Weights stay float32; autocast casts per op.
+    With ``auto``, near ties are recomputed without autocast (see ``EngineConfig``).
     """
 
     name = "torch"
@@ -38,7 +39,9 @@ class TorchEngine(Engine):
         self._device = self._resolve_device()
         # Threads are process-wide in torch; an inference process runs one engine.
         torch.set_num_threads(self.cfg.threads or cpu_count())
-        self.precision = self._resolve_precision()
+        self._compute = self._resolve_precision()  # what autocast runs in
+        self._recheck = self._compute != "fp32" and self.cfg.precision == "auto"
+        self.precision = f"{self._compute}+fp32" if self._recheck else self._compute
         pre = self.model.preprocess
         module = wrap_for_uint8(self.model.build_torch(), pre.mean, pre.std)
         self._module = module.to(self._device)
@@ -69,17 +72,23 @@ class TorchEngine(Engine):
         return "fp32"
 
     def _autocast(self) -> Any:
-        if self.precision == "fp32":
+        if self._compute == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(self._device.type, dtype=_DTYPES[self.precision])
+        return torch.autocast(self._device.type, dtype=_DTYPES[self._compute])
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
+        return self._run(batch, self._autocast())
+
+    def _infer_exact(self, batch: np.ndarray) -> np.ndarray:
+        return self._run(batch, contextlib.nullcontext())
+
+    def _run(self, batch: np.ndarray, precision: Any) -> np.ndarray:
         if not batch.flags.writeable:
             # torch.from_numpy warns on read-only arrays (e.g. a shared-memory view)
             # since it cannot promise not to write; a copy is 5 MB at batch 32.
             batch = batch.copy()
         pixels = torch.from_numpy(np.ascontiguousarray(batch))
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), precision:
             pixels = pixels.to(self._device, non_blocking=True)
             logits = self._module(pixels)
         return logits.float().cpu().numpy()

@@ -2,12 +2,18 @@
 
 A ``ModelSpec`` is light: it names the architecture, where the weights are, the
 preprocessing and the labels, but imports no framework. The inference process
-calls ``spec.build_torch()`` (which imports torch) only when an engine needs it.
+calls ``spec.build_torch()`` (which imports torch) only when an engine needs it;
+specs of ONNX or OpenVINO files have no torch module and engines read ``path``.
+
+Adding a model takes a factory returning its ``ModelSpec`` and one line in the
+``MODELS`` table below (see ``efficientnet_lite0.py``). ``resolve.py`` turns what
+users type (a registered name, ``modelscope:DIR``, ``timm:NAME``, ``onnx:FILE``,
+``openvino:FILE.xml`` or a bare path) into a spec.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -16,47 +22,48 @@ from wanwu.errors import ModelError
 from wanwu.registry import Registry
 from wanwu.specs import Preprocess
 
+from wanwu.stages.models.labels import LabelSet, read_labels
 
-@dataclass(frozen=True)
-class LabelSet:
-    """Class names by class id, in Chinese with English alongside."""
+__all__ = ["DEFAULT_MODEL", "FORMATS", "IMAGENET_MEAN", "IMAGENET_STD", "LabelSet", "MODELS", "ModelSpec",
+           "get_model_spec"]
 
-    zh: tuple[str, ...]  # Chinese label of class i, distinct
-    en: tuple[str, ...]  # English label of class i ("" where unknown)
+logger = logging.getLogger(__name__)
 
-    def __post_init__(self) -> None:
-        if len(self.zh) != len(self.en):
-            raise ModelError(f"expected as many English as Chinese labels, got {len(self.en)} and {len(self.zh)}")
-
-    def __len__(self) -> int:
-        return len(self.zh)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "LabelSet":
-        """Read a label file: a JSON list of ``{"class_id", "label", "label_en"}``."""
-        items = json.loads(Path(path).read_text(encoding="utf-8"))
-        items = sorted(items, key=lambda d: int(d["class_id"]))
-        if [int(d["class_id"]) for d in items] != list(range(len(items))):
-            raise ModelError(f"expected class ids 0..{len(items) - 1} in {path}")
-        return cls(tuple(d["label"] for d in items), tuple(d.get("label_en", "") for d in items))
+FORMATS = ("torch", "onnx", "openvino")  # what a spec's model is: a torch builder, or a file engines read
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything needed to run one model, without importing a framework."""
+    """Everything needed to run one model, without importing a framework.
+
+    Picklable (it travels to the inference process), as long as ``builder`` is a
+    module-level function.
+    """
 
     name: str  # registry name, written into every record's "model" field
     preprocess: Preprocess  # geometry for decoders, mean/std for engines
     num_classes: int  # width of the logits
-    labels_path: str  # label file, see LabelSet.from_json
-    builder: Callable[["ModelSpec"], Any]  # returns an eval-mode torch.nn.Module; imports torch
+    labels_path: str  # label file, see labels.read_labels (.json or .txt)
+    builder: Callable[["ModelSpec"], Any] | None = None  # eval-mode torch.nn.Module; imports torch; None for files
     weights: str = ""  # where the weights come from, for `models show` and cache keys
     license: str = ""  # one-line licence note for weights and labels
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    format: str = "torch"  # one of FORMATS; "onnx"/"openvino": engines read `path`, float32 NCHW or uint8 NHWC input
+    path: str = ""  # the .onnx or .xml file for the file formats
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ModelError(f"expected a model format in {FORMATS}, got {self.format!r}")
+        if self.format != "torch" and not self.path:
+            raise ModelError(f"model {self.name!r}: expected the path of its {self.format} file, got none")
+        if self.num_classes <= 0:
+            raise ModelError(f"model {self.name!r}: expected at least one class, got {self.num_classes}")
 
     def labels(self) -> LabelSet:
         """Load the label set, checking it matches ``num_classes``."""
-        labels = LabelSet.from_json(self.labels_path)
+        labels = read_labels(self.labels_path)
         if len(labels) != self.num_classes:
             raise ModelError(
                 f"model {self.name!r} has {self.num_classes} classes but its label file "
@@ -65,22 +72,44 @@ class ModelSpec:
         return labels
 
     def build_torch(self) -> Any:
-        """The model as an eval-mode ``torch.nn.Module`` in float32 (imports torch)."""
+        """The model as an eval-mode ``torch.nn.Module`` in float32 (imports torch).
+
+        Raises:
+            ModelError: the spec is an ONNX or OpenVINO file, which has no torch module.
+        """
+        if self.builder is None and self.format != "torch":
+            raise ModelError(
+                f"expected a torch model, got model {self.name!r} which is an {self.format} file ({self.path}); "
+                "only the openvino and onnxruntime engines run files"
+            )
+        if self.builder is None:
+            raise ModelError(f"expected a builder for the torch model {self.name!r}, got none")
         return self.builder(self)
 
     def cache_key(self) -> str:
         """A string identifying this model's weights and preprocessing, for engine caches."""
-        weights = Path(self.weights)
-        stamp = f"{weights.stat().st_size}-{int(weights.stat().st_mtime)}" if weights.is_file() else ""
-        return f"{self.name}|{self.weights}|{stamp}|{self.preprocess}|{self.num_classes}"
+        stamps = []
+        for location in (self.weights, self.path):
+            file = Path(location)
+            stamps.append(f"{file.stat().st_size}-{int(file.stat().st_mtime)}" if location and file.is_file() else "")
+        return (f"{self.name}|{self.weights}|{stamps[0]}|{self.preprocess}|{self.num_classes}"
+                + (f"|{self.format}|{self.path}|{stamps[1]}" if self.format != "torch" else ""))
 
 
+# name -> factory(weights: str = "", labels: str = "") -> ModelSpec, imported when asked for.
 MODELS: Registry[ModelSpec] = Registry("model")
 MODELS.register("efficientnet_lite0", "wanwu.stages.models.efficientnet_lite0:efficientnet_lite0")
+MODELS.register("general_recognition", "wanwu.stages.models.resnest:general_recognition")
 
 DEFAULT_MODEL = "efficientnet_lite0"
 
 
-def get_model_spec(name: str = DEFAULT_MODEL) -> ModelSpec:
-    """The spec registered as ``name``."""
-    return MODELS.create(name)
+def get_model_spec(name: str = DEFAULT_MODEL, **options: Any) -> ModelSpec:
+    """The spec for ``name``: a registered name, alias, ``scheme:location`` or path.
+
+    Same as ``resolve.resolve_model(name, **options)``; see there for the options
+    (``weights``, ``labels``, ``mean``, ``std``, ``resize_shorter``, ``crop``).
+    """
+    from wanwu.stages.models.resolve import resolve_model  # resolve imports this module
+
+    return resolve_model(name, **options)

@@ -17,6 +17,7 @@ from wanwu.errors import ModelError
 from wanwu.specs import Preprocess
 
 from wanwu.stages.models.base import ModelSpec
+from wanwu.stages.models.labels import read_labels
 from wanwu.stages.models.weights import load_in_order
 
 logger = logging.getLogger(__name__)
@@ -58,15 +59,22 @@ def build_efficientnet_lite0(spec: ModelSpec) -> Any:
     return module.eval()
 
 
-def efficientnet_lite0() -> ModelSpec:
-    """The spec of EfficientNet-Lite0: 224 px crop from 256 px, inputs scaled to [-1, 1]."""
+def efficientnet_lite0(weights: str = "", labels: str = "") -> ModelSpec:
+    """The spec of EfficientNet-Lite0: 224 px crop from 256 px, inputs scaled to [-1, 1].
+
+    Args:
+        weights: another checkpoint of the same architecture (e.g. fine-tuned), its
+            tensors in the original order; "" for the packaged ImageNet weights.
+        labels: its label file (.txt or .json), whose length sets the class count;
+            "" for the packaged ImageNet-1k labels.
+    """
     return ModelSpec(
         name="efficientnet_lite0",
         preprocess=Preprocess(resize_shorter=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-        num_classes=1000,
-        labels_path=str(LABELS_PATH),
+        num_classes=len(read_labels(labels)) if labels else 1000,
+        labels_path=labels or str(LABELS_PATH),
         builder=build_efficientnet_lite0,
-        weights=_weights_path(),
+        weights=weights or _weights_path(),
         license=LICENSE,
         extra={"architecture": ARCHITECTURE},
     )

@@ -1,0 +1,140 @@
+"""Measure what precision and engine choices do to a model's answers.
+
+``check_model`` decodes real photos into one batch of crops, runs every engine
+that can run the model in float32, and where the engine has bf16 also in plain
+bf16 and in ``auto`` precision (bf16 with near ties recomputed in fp32, see
+``EngineConfig``); it compares top-1 classes: each against the same engine's
+float32, and each engine's float32 against the first engine's. Without
+ground-truth labels this bounds the accuracy change: a precision that changes the
+top-1 class of a fraction ``d`` of the images moves top-1 accuracy by at most ``d``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from wanwu.errors import DecodeError, InputError
+
+from wanwu.stages.decoders.base import DecodeConfig, create_decoder
+from wanwu.stages.engines.base import ENGINE_FORMATS, EngineConfig, create_engine
+from wanwu.stages.models.base import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+BF16_ENGINES = ("openvino", "torch")  # ONNX Runtime's CPU provider runs float32 only
+ENGINE_ORDER = ("openvino", "torch", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One engine and precision against a reference run on the same images."""
+
+    engine: str  # engine that ran
+    precision: str  # what it actually ran in ("bf16+fp32": auto, near ties recomputed in fp32)
+    reference: str  # "engine/precision" it is compared with
+    top1_agreement: float  # share of images with the same top-1 class, 0..1
+    top5_overlap: float  # mean share of the reference's top 5 also in this run's top 5, 0..1
+    max_abs_diff: float  # largest logit difference
+    ms_per_image: float  # inference time per image in this run, for scale
+    rechecked: float = 0.0  # share of images recomputed in fp32 (auto precision)
+
+
+def decode_batch(paths: Sequence[str | Path], spec: ModelSpec, decoder: str = "turbo") -> np.ndarray:
+    """Decode ``paths`` as the pipeline would: uint8 (n, crop, crop, 3) crops.
+
+    Raises:
+        DecodeError: a file is not a decodable image (a check wants every photo).
+    """
+    dec = create_decoder(decoder, DecodeConfig(preprocess=spec.preprocess))
+    out = np.empty((len(paths), *spec.preprocess.frame.shape), np.uint8)
+    try:
+        for i, path in enumerate(paths):
+            try:
+                dec.decode_into(Path(path).read_bytes(), out[i])
+            except (OSError, InputError) as exc:
+                raise DecodeError(f"expected a decodable photo at {path}: {exc}") from exc
+    finally:
+        dec.shutdown()
+    return out
+
+
+@dataclass(frozen=True)
+class _Run:
+    logits: np.ndarray
+    precision: str
+    ms_per_image: float
+    rechecked: float
+
+
+def _run(engine_name: str, precision: str, spec: ModelSpec, pixels: np.ndarray, batch_size: int,
+         cache_dir: str) -> _Run:
+    engine = create_engine(engine_name, spec, EngineConfig(precision=precision, max_batch_size=batch_size,
+                                                            cache_dir=cache_dir))
+    try:
+        engine.load()
+        engine.rechecked = 0  # not the warm-up's
+        start = time.perf_counter()
+        logits = np.concatenate([engine.infer(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
+        ms = (time.perf_counter() - start) * 1000.0 / len(pixels)
+        return _Run(logits, engine.precision, ms, engine.rechecked / len(pixels))
+    finally:
+        engine.shutdown()
+
+
+def compare(logits: np.ndarray, reference: np.ndarray) -> tuple[float, float, float]:
+    """``(top1_agreement, top5_overlap, max_abs_diff)`` of two (n, C) logit arrays."""
+    agree = float((logits.argmax(1) == reference.argmax(1)).mean())
+    k = min(5, logits.shape[1])
+    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    ref = np.argpartition(-reference, k - 1, axis=1)[:, :k]
+    overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(top.tolist(), ref.tolist())]))
+    return agree, overlap, float(np.abs(logits - reference).max())
+
+
+def check_model(
+    spec: ModelSpec,
+    pixels: np.ndarray,
+    engines: Sequence[str] = ENGINE_ORDER,
+    batch_size: int = 32,
+    cache_dir: str = "",
+) -> list[Comparison]:
+    """Compare precisions and engines on ``pixels`` (uint8 crops, see ``decode_batch``).
+
+    Args:
+        spec: the model.
+        pixels: uint8 (n, crop, crop, 3).
+        engines: engines to try, in order; those that cannot run ``spec``'s format are skipped.
+            The first one's float32 run is the reference between engines.
+        batch_size: images per inference call.
+        cache_dir: engine cache ("" for the default).
+
+    Returns:
+        One ``Comparison`` per bf16 and auto run (against the same engine's float32;
+        auto is left out where it means float32) and per float32 run of each
+        engine (against the first engine's; the first's own row shows its speed).
+    """
+    fp32: dict[str, _Run] = {}
+    results: list[Comparison] = []
+    for name in [e for e in engines if spec.format in ENGINE_FORMATS[e]]:
+        fp32[name] = ref = _run(name, "fp32", spec, pixels, batch_size, cache_dir)
+        if name not in BF16_ENGINES:
+            continue
+        for precision in ("bf16", "auto"):
+            run = _run(name, precision, spec, pixels, batch_size, cache_dir)
+            if run.precision != "fp32":
+                results.append(Comparison(name, run.precision, f"{name}/fp32", *compare(run.logits, ref.logits),
+                                          run.ms_per_image, run.rechecked))
+    names = list(fp32)
+    for name in names:  # the first against itself too: its row gives the fp32 speed
+        run = fp32[name]
+        results.append(Comparison(name, run.precision, f"{names[0]}/fp32",
+                                  *compare(run.logits, fp32[names[0]].logits), run.ms_per_image))
+    for row in results:
+        logger.info("check %s: %s", spec.name, asdict(row))
+    return results

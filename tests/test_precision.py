@@ -1,0 +1,83 @@
+"""What bf16 does to the embedded model's answers, measured with `wanwu models check` on 300 real
+photos; and the auto precision's fp32 recheck of near ties, driven by hand."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_wanwu
+from wanwu.stages.engines.base import RECHECK_MARGIN, EngineConfig, create_engine
+from wanwu.stages.engines.hw import cpu_has_bf16
+from wanwu.stages.models.base import get_model_spec
+from wanwu.stages.models.check import compare, decode_batch
+
+pytest.importorskip("skimage")
+
+IMAGES = 300
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("check") / "check.json"
+    proc = run_wanwu("models", "check", "efficientnet_lite0", "--images", str(IMAGES), "--json", str(out),
+                     "--min-agreement", "0.9", timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    print("\n" + proc.stdout)  # the table, for the record (pytest -s)
+    return json.loads(out.read_text())
+
+
+def _rows(report, engine, precision):
+    return [r for r in report["rows"] if r["engine"] == engine and r["precision"] == precision]
+
+
+def test_engines_agree_in_fp32(report):
+    assert report["images"] == IMAGES
+    fp32 = [r for r in report["rows"] if r["precision"] == "fp32"]
+    assert {r["engine"] for r in fp32} == {"openvino", "torch", "onnxruntime"}
+    for row in fp32:
+        assert row["top1_agreement"] >= 0.99 and row["max_abs_diff"] < 1e-3, row
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="auto precision is fp32 without native bf16")
+@pytest.mark.parametrize("engine", ["openvino", "torch"])
+def test_auto_precision_keeps_99_percent_of_top1_answers(report, engine):
+    (auto,) = _rows(report, engine, "bf16+fp32")
+    (plain,) = _rows(report, engine, "bf16")
+    assert auto["top1_agreement"] >= 0.99, auto
+    # Plain bf16 is what auto improves on: it changes more answers, rechecking costs a minority.
+    assert plain["top1_agreement"] <= auto["top1_agreement"]
+    assert 0 < auto["rechecked"] < 0.5, auto
+
+
+def test_recheck_margin_spans_plain_bf16_to_fp32(tmp_path):
+    spec = get_model_spec("efficientnet_lite0")
+    batch = decode_batch(sorted((REPO / "samples").glob("*.jpg")), spec)
+
+    def logits(precision: str, margin: float = RECHECK_MARGIN) -> tuple[np.ndarray, int]:
+        engine = create_engine("openvino", spec, EngineConfig(precision=precision, max_batch_size=len(batch),
+                                                              cache_dir=str(tmp_path), recheck_margin=margin))
+        engine.load()
+        engine.rechecked = 0
+        out = engine.infer(batch)
+        engine.shutdown()
+        return out, engine.rechecked
+
+    fp32, _ = logits("fp32")
+    everything, rechecked = logits("auto", margin=float("inf"))
+    if cpu_has_bf16():
+        assert rechecked == len(batch)
+    np.testing.assert_array_equal(everything, fp32)
+    nothing, rechecked = logits("auto", margin=0.0)
+    assert rechecked == 0
+    np.testing.assert_array_equal(nothing, logits("bf16")[0])
+
+
+def test_compare_counts_agreement_and_overlap():
+    ref = np.array([[3.0, 2.0, 1.0, 0, 0, 0], [0, 1.0, 2.0, 3.0, 4.0, 5.0]], np.float32)
+    other = ref.copy()
+    other[0, 1] = 4.0  # top-1 changes in row 0; the top 5 stay the same set
+    agree, overlap, diff = compare(other, ref)
+    assert (agree, overlap, diff) == (0.5, 1.0, 2.0)
