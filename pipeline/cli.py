@@ -15,6 +15,7 @@ import sys
 from wanwu import __version__
 from wanwu.errors import ConfigError, WanwuError
 from wanwu.pipeline.cli_models import MODEL_HELP, add_model_options, add_models_parser, model_options
+from wanwu.pipeline.cli_serve import add_serve_parser
 from wanwu.pipeline.config import JobConfig, cpu_count, default_decoders
 from wanwu.stages.decoders.base import DEFAULT_MAX_PIXELS
 
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_show(sub)
     _add_bench(sub)
     add_models_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

@@ -18,6 +18,7 @@ import zmq
 from wanwu.kernels.topk import softmax_topk
 from wanwu.pipeline import transport
 from wanwu.pipeline.messages import Decoded, Records, Release
+from wanwu.pipeline.records import result_records
 from wanwu.pipeline.worker import Worker
 from wanwu.stages.engines.base import EngineConfig, create_engine
 from wanwu.stages.models.base import get_model_spec
@@ -88,7 +89,8 @@ class InferenceWorker(Worker):
             self._release(items)
             logits = self.engine.infer(batch)
             scores, class_ids = softmax_topk(logits, self.job.top_k)
-            records = self._records(items, scores, class_ids)
+            records = tuple(result_records(items, scores, class_ids, self.label_zh, self.label_en,
+                                           self.model.name))
         transport.send(self.records, Records(records))
         self.items += n
         if self.job.restartable:  # the daemon's metrics: batch sizes, queue and compute time
@@ -100,21 +102,6 @@ class InferenceWorker(Worker):
             by_decoder[m.decoder].append(m.slot)
         for decoder, slots in by_decoder.items():
             transport.send(self.release[decoder], Release(tuple(slots)))
-
-    def _records(self, items: list[Decoded], scores: np.ndarray, class_ids: np.ndarray) -> tuple[dict, ...]:
-        now = time.time()
-        zh, en, model = self.label_zh, self.label_en, self.model.name
-        out = []
-        for m, row_scores, row_ids in zip(items, scores.tolist(), class_ids.tolist()):
-            labels = [
-                {"label": zh[c], "label_en": en[c], "class_id": c, "score": round(s, 6)}
-                for s, c in zip(row_scores, row_ids)
-            ]
-            out.append({
-                "key": m.key, "source": m.source, "width": m.width, "height": m.height, "labels": labels,
-                "model": model, "elapsed_ms": round((now - m.t0) * 1000.0, 3), "error": None,
-            })
-        return tuple(out)
 
     def _shutdown(self) -> None:
         if hasattr(self, "engine"):

@@ -21,7 +21,6 @@ import pickle
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -34,7 +33,7 @@ from wanwu.pipeline.messages import GO, STOP, Event
 from wanwu.pipeline.progress import Progress
 from wanwu.pipeline.shm import SlotPool, reclaim_stale_segments
 from wanwu.pipeline.transport import Endpoints, make_job_dir, reclaim_stale_job_dirs
-from wanwu.pipeline.worker import WorkerSpec
+from wanwu.pipeline.worker import WorkerSpec, spawn
 from wanwu.stages.models.base import get_model_spec
 from wanwu.stages.sinks.base import create_sink
 
@@ -164,14 +163,8 @@ class Job:
     def _start_workers(self, base: WorkerSpec) -> None:
         roles = [("sink", 0), ("inference", 0)] + [("decoder", i) for i in range(self.cfg.decoders)] + [("loader", 0)]
         for role, index in roles:
-            spec = dataclasses.replace(base, role=role, index=index)
-            # The role in argv makes `ps` show which process is which.
-            proc = subprocess.Popen([sys.executable, "-m", "wanwu.pipeline.worker", role, str(index)], stdin=subprocess.PIPE)
-            assert proc.stdin is not None
-            proc.stdin.write(pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL))
-            proc.stdin.close()
             name = f"decoder-{index}" if role == "decoder" else role
-            self.procs[name] = proc
+            self.procs[name] = spawn(dataclasses.replace(base, role=role, index=index))
 
     def _watch(self, events: zmq.Socket, control: zmq.Socket, pool: SlotPool, progress: Progress) -> None:
         """Follow events until the sink has every record; raise on a dead or failed worker."""

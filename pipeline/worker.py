@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import signal
+import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
@@ -29,6 +30,8 @@ from wanwu.pipeline.transport import Endpoints
 from wanwu.specs import FrameSpec, Preprocess
 
 logger = logging.getLogger(__name__)
+
+BUSY_REPORT_S = 2.0  # between a daemon worker's busy-share reports
 
 ROLES = {
     "loader": "wanwu.pipeline.loader:LoaderWorker",
@@ -75,6 +78,7 @@ class Worker(ABC):
         self._stopped = False
         self.go = False  # the owner said every worker is ready
         self._t_start = time.perf_counter()
+        self._last_busy_report = self._t_start
 
     @property
     def name(self) -> str:
@@ -101,7 +105,12 @@ class Worker(ABC):
         try:
             yield
         finally:
-            self.busy_s += time.perf_counter() - t
+            now = time.perf_counter()
+            self.busy_s += now - t
+            # A daemon never exits to report its busy share: tell the owner now and then.
+            if self.job.restartable and now - self._last_busy_report >= BUSY_REPORT_S:
+                self._last_busy_report = now
+                self.emit("busy", busy_s=self.busy_s, wall_s=now - self._t_start, items=self.items)
 
     def run(self) -> int:
         """Attach, set up, loop until stopped, report stats. Returns the exit status."""
@@ -145,6 +154,16 @@ class Worker(ABC):
             self.control.poll(200)
 
 
+def spawn(spec: WorkerSpec) -> subprocess.Popen:
+    """Start the worker process for ``spec`` (its role and index in argv, so `ps` tells them apart)."""
+    proc = subprocess.Popen([sys.executable, "-m", "wanwu.pipeline.worker", spec.role, str(spec.index)],
+                            stdin=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write(pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL))
+    proc.stdin.close()
+    return proc
+
+
 def _die_with_parent() -> None:
     """Ask Linux to kill this process when its parent dies, so no orphan outlives a kill -9."""
     try:
@@ -160,8 +179,11 @@ def main() -> int:
     _die_with_parent()
     if os.getppid() != parent:  # the parent died before prctl took effect
         return 1
-    # Ctrl-C reaches the whole process group; the owner coordinates the stop.
+    # Ctrl-C reaches the whole process group, and `systemctl stop` or `timeout` send SIGTERM
+    # to every process: the owner coordinates the stop (it drains first), and if the owner
+    # itself dies, PR_SET_PDEATHSIG ends us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     spec: WorkerSpec = pickle.load(sys.stdin.buffer)
     logging.basicConfig(
         level=os.environ.get("WANWU_LOG_LEVEL", "WARNING"),

@@ -1,0 +1,137 @@
+"""The daemon's configuration: one frozen dataclass, from flags or a TOML file, validated once.
+
+A TOML file sets the fields below by name, at the top level or inside tables
+(table names only group settings for the reader: ``[http]`` then ``http_port =
+8000``). Flags given on the command line override the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from wanwu.errors import ConfigError
+from wanwu.pipeline.config import JobConfig, default_decoders
+from wanwu.stages.decoders.base import DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``wanwu serve`` needs. Every front door is optional; at least one must be on."""
+
+    # The model and the stages, as for `wanwu run`.
+    model: str = "efficientnet_lite0"
+    weights: str = ""
+    labels: str = ""
+    engine: str = "auto"
+    decoder: str = "auto"
+    decoders: int = field(default_factory=default_decoders)
+    precision: str = "auto"
+    threads: int = 0
+    device: str = "cpu"
+    top_k: int = 5
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    # Dynamic batching, as Triton's dynamic batcher.
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 5.0  # the oldest waiting image runs within this long
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 1024  # images accepted and not yet answered; more is "queue full"
+    timeout_s: float = 30.0  # per request, unless the request says less
+    max_images_per_request: int = 64
+    max_request_bytes: int = 64 << 20
+    # Front doors. Hosts default to 127.0.0.1: nothing is exposed unless asked.
+    http: bool = True
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    token: str = ""  # HTTP bearer token; "" = none
+    metrics_port: int = 8002  # Prometheus /metrics on host:metrics_port; -1 = off
+    zmq_request: str = ""  # ROUTER address, e.g. tcp://127.0.0.1:5555
+    zmq_stream: str = ""  # PULL address: fire-and-forget, records go to `out`
+    curve_secret_key: str = ""  # zmq.auth certificate file with the server's secret key
+    curve_clients: str = ""  # folder of allowed client public certificates
+    watch: str = ""  # hot folder
+    watch_done: str = ""  # move recognised files here ("" = leave them)
+    watch_failed: str = ""  # move files that got an error record here
+    watch_settle_s: float = 0.5  # a file is complete once unchanged this long
+    out: str = ""  # records of the stream and hot-folder doors (.jsonl or .sqlite); also their ledger
+    drain_timeout_s: float = 20.0  # on SIGTERM: finish what is in flight within this long
+
+    def __post_init__(self) -> None:
+        positive = {"decoders": self.decoders, "top_k": self.top_k, "max_pixels": self.max_pixels,
+                    "max_batch_size": self.max_batch_size, "max_queue_size": self.max_queue_size,
+                    "max_images_per_request": self.max_images_per_request,
+                    "max_request_bytes": self.max_request_bytes}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if not (self.timeout_s > 0 and self.drain_timeout_s >= 0 and 0 <= self.max_queue_delay_ms < math.inf):
+            raise ConfigError("expected timeout_s > 0, drain_timeout_s >= 0 and a finite max_queue_delay_ms >= 0, "
+                              f"got {self.timeout_s}, {self.drain_timeout_s}, {self.max_queue_delay_ms}")
+        if self.max_queue_size < self.max_images_per_request:
+            raise ConfigError(f"max_queue_size ({self.max_queue_size}) must hold at least one full request "
+                              f"(max_images_per_request = {self.max_images_per_request})")
+        if not (self.http or self.zmq_request or self.zmq_stream or self.watch):
+            raise ConfigError("expected at least one front door (HTTP, zmq_request, zmq_stream or watch), got none")
+        if (self.zmq_stream or self.watch) and not self.out:
+            raise ConfigError("the stream and hot-folder doors write records: expected `out` (.jsonl or .sqlite)")
+        if self.curve_clients and not self.curve_secret_key:
+            raise ConfigError("curve_clients needs curve_secret_key (the server's certificate)")
+
+    def job(self) -> JobConfig:
+        """The worker processes' configuration: a restartable job with no inputs of its own."""
+        return JobConfig(
+            inputs=(), out=self.out, model=self.model, weights=self.weights, labels=self.labels,
+            engine=self.engine, decoder=self.decoder, decoders=self.decoders, batch_size=self.max_batch_size,
+            top_k=self.top_k, max_pixels=self.max_pixels, device=self.device, precision=self.precision,
+            threads=self.threads,
+            # A request alone runs as soon as its images are decoded (idle flush), and under load a
+            # batch waits for company at most max_queue_delay_ms.
+            max_wait_ms=min(2.0, self.max_queue_delay_ms), max_queue_delay_ms=self.max_queue_delay_ms,
+            preferred_batch_sizes=self.preferred_batch_sizes, restartable=True, progress="none",
+        )
+
+    @classmethod
+    def from_toml(cls, path: str, **overrides: Any) -> "ServeConfig":
+        """Read ``path`` (flat keys, or keys inside any tables), then apply ``overrides``.
+
+        Raises:
+            ConfigError: unreadable file, unknown key or a value of the wrong type.
+        """
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"expected a readable TOML file at {path!r}: {exc}") from exc
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            if isinstance(value, dict):  # a table groups keys for the reader only
+                flat.update(value)
+            else:
+                flat[key] = value
+        return cls.build({**flat, **overrides})
+
+    @classmethod
+    def build(cls, values: dict[str, Any]) -> "ServeConfig":
+        """A config from a dict of field values, checking names and types."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ConfigError(f"unknown serve settings {unknown}; expected some of {sorted(fields)}")
+        clean: dict[str, Any] = {}
+        for name, value in values.items():
+            default = cls.__dataclass_fields__[name].default
+            if name == "preferred_batch_sizes":
+                value = tuple(int(v) for v in value)
+            elif isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{name} must be true or false, got {value!r}")
+            elif isinstance(default, (int, float)) or name == "decoders":
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ConfigError(f"{name} must be a number, got {value!r}")
+            elif isinstance(default, str) and not isinstance(value, str):
+                raise ConfigError(f"{name} must be a string, got {value!r}")
+            clean[name] = value
+        return cls(**clean)

@@ -1,0 +1,150 @@
+"""``wanwu serve``: the backend, its front doors, the sink, and the signals that stop them.
+
+Start order: metrics, backend (workers up, model loaded and warmed), sink, then the
+front doors, so a door never takes a request the daemon cannot serve. Stop order
+(SIGTERM or SIGINT): doors stop accepting, requests in flight are answered
+(``drain_timeout_s``), the sink is flushed and closed, the workers stop, and the
+process exits 0.
+
+The sink lives in the daemon's process rather than in a worker: the hot folder
+moves a file away only once its record is durable, which needs the write to have
+returned, and answered HTTP/ZeroMQ requests need no sink at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Iterable
+
+from wanwu.pipeline.serve.config import ServeConfig
+from wanwu.pipeline.serve.dispatch import PipelineBackend
+from wanwu.pipeline.serve.metrics import ServeMetrics
+from wanwu.stages.sinks.base import Sink, create_sink
+
+logger = logging.getLogger(__name__)
+
+
+class SinkWriter:
+    """A sink shared by the front doors that write records. Thread-safe; ``write`` is durable."""
+
+    def __init__(self, path: str) -> None:
+        self.sink: Sink = create_sink(path)
+        self.done_keys = self.sink.open()  # the ledger: keys a previous run already wrote
+        self._lock = threading.Lock()
+
+    def write(self, records: Iterable[dict]) -> None:
+        records = list(records)
+        if records:
+            with self._lock:
+                self.sink.write(records)
+
+    def close(self) -> None:
+        with self._lock:
+            self.sink.close()
+
+
+class Daemon:
+    """One ``wanwu serve``. ``start()`` returns the bound addresses; ``shutdown()`` is safe twice."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.metrics = ServeMetrics()
+        self.backend = PipelineBackend(cfg, self.metrics)
+        self.sink: SinkWriter | None = None
+        self.doors: list = []  # started front doors, each with shutdown()
+        self.addresses: dict[str, str] = {}
+        self._stopped = threading.Event()
+        self._shutdown_lock = threading.Lock()
+        self._shut = False
+
+    def start(self) -> dict[str, str]:
+        """Start everything; return ``{"http": "127.0.0.1:8000", "metrics": ..., "zmq_request": ...}``.
+
+        Raises:
+            StageError: the workers could not start; ConfigError: a bad setting.
+        """
+        cfg = self.cfg
+        try:
+            if cfg.metrics_port >= 0:
+                self.addresses["metrics"] = f"{cfg.host}:{self.metrics.serve(cfg.host, cfg.metrics_port)}"
+            self.backend.start()
+            if cfg.out:
+                self.sink = SinkWriter(cfg.out)
+            self._start_doors()
+        except BaseException:
+            self.shutdown()
+            raise
+        logger.info("wanwu serve ready: %s", ", ".join(f"{k} {v}" for k, v in self.addresses.items()))
+        return dict(self.addresses)
+
+    def _start_doors(self) -> None:
+        cfg = self.cfg
+        if cfg.http:
+            from wanwu.pipeline.serve.kserve import KServeHTTPServer
+
+            http = KServeHTTPServer(self.backend, cfg.host, cfg.http_port, cfg.token or None, cfg.max_request_bytes)
+            self.addresses["http"] = f"{cfg.host}:{http.start()}"
+            self.doors.append(http)
+        if cfg.zmq_request or cfg.zmq_stream:
+            from wanwu.pipeline.serve.zmq_door import ZmqDoor
+
+            door = ZmqDoor(self.backend, request_addr=cfg.zmq_request or None, stream_addr=cfg.zmq_stream or None,
+                           on_records=self.sink.write if self.sink else None,
+                           curve_secret_key_file=cfg.curve_secret_key or None,
+                           curve_clients_dir=cfg.curve_clients or None, max_request_bytes=cfg.max_request_bytes,
+                           max_images_per_request=cfg.max_images_per_request, timeout_s=cfg.timeout_s)
+            for name, addr in door.start().items():
+                self.addresses[f"zmq_{name}"] = addr
+            self.doors.append(door)
+        if cfg.watch:
+            from wanwu.pipeline.serve.watch import HotFolder
+
+            assert self.sink is not None  # ServeConfig requires `out` with `watch`
+            hot = HotFolder(self.backend, cfg.watch, on_records=self.sink.write, done_keys=self.sink.done_keys,
+                            done_dir=cfg.watch_done or None, failed_dir=cfg.watch_failed or None,
+                            settle_s=cfg.watch_settle_s, batch=cfg.max_batch_size, timeout_s=cfg.timeout_s)
+            hot.start()
+            self.addresses["watch"] = cfg.watch
+            self.doors.append(hot)
+
+    def serve_forever(self) -> int:
+        """Block until SIGTERM/SIGINT (or ``stop()``), then shut down; return the exit status (0)."""
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while not self._stopped.wait(0.5):
+                pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.shutdown()
+        return 0
+
+    def stop(self) -> None:
+        """Ask ``serve_forever`` to return (thread-safe)."""
+        self._stopped.set()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        logger.warning("received %s: draining", signal.Signals(signum).name)
+        self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop the doors, drain the backend, close the sink and the metrics server. Safe twice."""
+        with self._shutdown_lock:
+            if self._shut:
+                return
+            self._shut = True
+        if self.metrics:
+            self.metrics.ready.set(0)
+        # Doors first: the HTTP door's shutdown lets requests in flight finish, the hot folder
+        # finishes its batch; the backend then answers anything still queued.
+        for door in reversed(self.doors):
+            try:
+                door.shutdown()
+            except Exception:  # one door failing to stop must not keep the others running
+                logger.exception("stopping %s failed", type(door).__name__)
+        self.backend.shutdown()
+        if self.sink is not None:
+            self.sink.close()
+        self.metrics.shutdown()

@@ -1,0 +1,301 @@
+"""The hot-folder front door: recognise image files as they land in a folder.
+
+Drop (or copy, or rsync) images into the folder, at any depth; each one is
+recognised once, its record handed to ``on_records`` (the daemon's durable sink),
+and the file moved to ``done_dir`` or, for an error record, ``failed_dir``, under
+the same relative path. Keys are paths relative to the folder with ``/``
+separators, so the sink's ledger tells a restarted watcher what is done.
+
+A file counts once it is completely written: its size and modification time
+stayed the same for ``settle_s``. Writers that pause longer than that mid-file
+should write to a name ending ``.part``/``.tmp`` (ignored) and rename when done.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from wanwu.errors import ConfigError, ReadError
+from wanwu.pipeline.records import error_record
+from wanwu.pipeline.serve.backend import Backend, ServeError
+from wanwu.stages.sources.base import IMAGE_EXTENSIONS
+from wanwu.stages.sources.files import key_text, read_file
+
+logger = logging.getLogger(__name__)
+
+# Names that download managers, rsync and editors give files still being written.
+PARTIAL_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial")
+_MAX_BACKOFF_S = 30.0
+
+
+@dataclass
+class _Seen:
+    """A file being watched until it settles."""
+
+    rel: str  # path relative to the folder, OS separators
+    signature: tuple[int, int]  # (size, mtime_ns) when last seen changing
+    since: float  # time.monotonic() of that change
+
+
+class HotFolder:
+    """Watch ``folder`` and recognise every image file that lands in it, once.
+
+    ``start()`` polls from a background thread every ``poll_s``; ``shutdown()`` stops it
+    after the batch in flight and is safe to call twice. ``poll_once()`` is one such poll,
+    for driving the watcher by hand.
+
+    Args:
+        backend: what recognises the images (source ``"watch"``).
+        folder: the folder to watch, recursively; hidden names (``.x``), partial downloads
+            (``PARTIAL_SUFFIXES``) and names without an image extension are left alone,
+            and so are ``done_dir``/``failed_dir`` when they lie inside it.
+        on_records: receives each batch's records (one per file, in order) and returns once
+            they are durable; only then are files moved. Called from the watcher thread.
+        done_keys: keys already recognised (the sink's ledger from an earlier run): such files
+            are not recognised again, only moved to ``done_dir`` (if set).
+        done_dir: where recognised files go; None = they stay where they are.
+        failed_dir: where files with an error record go; None = they stay.
+        settle_s: a file is complete once unchanged for this long.
+        poll_s: time between scans.
+        batch: files per ``backend.submit`` (capped at the backend's images per request).
+        timeout_s: passed to ``backend.submit``; None = the backend's default.
+    """
+
+    def __init__(self, backend: Backend, folder: str, *, on_records: Callable[[list[dict]], None],
+                 done_keys: set[str] | frozenset[str] = frozenset(), done_dir: str | None = None,
+                 failed_dir: str | None = None, settle_s: float = 0.5, poll_s: float = 0.2, batch: int = 16,
+                 timeout_s: float | None = None) -> None:
+        if not os.path.isdir(folder):
+            raise ConfigError(f"expected a folder to watch, got {folder!r}")
+        if settle_s < 0 or poll_s <= 0 or batch < 1:
+            raise ConfigError(f"expected settle_s >= 0, poll_s > 0 and batch >= 1, got {settle_s}, {poll_s}, {batch}")
+        self.backend = backend
+        self.folder = folder
+        self.on_records = on_records
+        self.done_dir, self.failed_dir = done_dir, failed_dir
+        self.settle_s, self.poll_s, self.timeout_s = settle_s, poll_s, timeout_s
+        self.batch = batch
+        # The walk starts from the real path, so folder paths met on the way (never
+        # through a symlink) compare directly with the real paths of the outputs.
+        self._root = os.path.realpath(folder)
+        self._skip = {os.path.realpath(d) for d in (done_dir, failed_dir) if d}
+        if self._root in self._skip:  # moved files would land back in the watched folder, forever
+            raise ConfigError(f"expected done_dir and failed_dir other than the watched folder, got {folder!r}")
+        self._done = set(done_keys)  # the ledger, plus what this run recognised
+        self._watching: dict[str, _Seen] = {}  # key -> file not yet settled or not yet recognised
+        self._left: set[str] = set()  # done files that stay (no destination, or a move failed)
+        self._counts = dict.fromkeys(("seen", "done", "failed", "moved", "retries"), 0)
+        self._retry_at = 0.0
+        self._backoff_s = 0.0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Watch from a daemon thread. Idempotent."""
+        with self._lock:
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._run, name="hot-folder", daemon=True)
+                self._thread.start()
+                logger.info("watching %r (done: %r, failed: %r)", self.folder, self.done_dir, self.failed_dir)
+
+    def shutdown(self) -> None:
+        """Stop after the batch in flight (its records written, its files moved). Safe to call twice."""
+        self._stop.set()
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start: ``seen`` (image files found), ``done`` (result records), ``failed``
+        (error records), ``moved`` (files moved), ``retries`` (batches put off by a ``ServeError``
+        or a failed ``on_records``), ``watching`` (files waiting to settle or to be recognised)."""
+        return {**self._counts, "watching": len(self._watching)}
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll_once()
+            except Exception:  # whatever went wrong, the next poll tries again
+                logger.exception("hot folder %r: poll failed", self.folder)
+            self._stop.wait(self.poll_s)
+
+    def poll_once(self) -> int:
+        """Scan once; recognise the files that settled. Returns how many records were written.
+
+        Do not call it while the thread started by ``start()`` runs.
+        """
+        now = time.monotonic()
+        ready = []
+        present = set()
+        for key, rel in self._walk():
+            present.add(key)
+            if key in self._done:
+                self._move_leftover(key, rel)
+            elif self._settled(key, rel, now):
+                ready.append(key)
+        for key in self._watching.keys() - present:  # vanished before it was recognised
+            del self._watching[key]
+        if not ready or now < self._retry_at:
+            return 0
+        written = 0
+        batch = min(self.batch, self.backend.info().max_images_per_request)
+        for begin in range(0, len(ready), batch):
+            if self._stop.is_set() or not self._recognise(ready[begin:begin + batch]):
+                break
+            written += len(ready[begin:begin + batch])
+        return written
+
+    def _walk(self) -> Iterator[tuple[str, str]]:
+        """``(key, relative path)`` of every candidate file, sorted, without entering symlinked folders."""
+        stack = [""]
+        while stack:
+            rel_dir = stack.pop()
+            try:
+                with os.scandir(os.path.join(self._root, rel_dir)) as it:
+                    entries = sorted(it, key=lambda e: e.name, reverse=True)
+            except OSError as exc:  # vanished or unreadable: logged, the rest goes on
+                logger.warning("hot folder: cannot list %r: %s", os.path.join(self.folder, rel_dir), exc)
+                continue
+            files = []
+            for entry in entries:
+                name = entry.name
+                if name.startswith(".") or name.lower().endswith(PARTIAL_SUFFIXES):
+                    continue
+                rel = os.path.join(rel_dir, name)
+                if _is_real_dir(entry):
+                    if entry.path not in self._skip:
+                        stack.append(rel)
+                elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                    files.append(rel)
+            for rel in reversed(files):
+                yield key_text(rel.replace(os.sep, "/")), rel
+
+    def _settled(self, key: str, rel: str, now: float) -> bool:
+        """Whether the file stayed the same size and mtime for ``settle_s`` (first sighting: no)."""
+        try:
+            st = os.stat(os.path.join(self._root, rel))
+            signature = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            signature = (-1, -1)  # a dangling symlink: settles, then becomes an error record
+        seen = self._watching.get(key)
+        if seen is None or seen.signature != signature:
+            if seen is None:
+                self._counts["seen"] += 1
+            self._watching[key] = _Seen(rel, signature, now)
+            return False
+        return now - seen.since >= self.settle_s
+
+    def _recognise(self, keys: list[str]) -> bool:
+        """Recognise, write and move one batch. False: put off (nothing written, files stay)."""
+        t0 = time.time()
+        rels = [self._watching[key].rel for key in keys]
+        records: list[dict | None] = [None] * len(keys)
+        images, slots = [], []
+        for i, (key, rel) in enumerate(zip(keys, rels)):
+            try:
+                images.append(read_file(os.path.join(self._root, rel)))
+                slots.append(i)
+            except ReadError as exc:  # vanished, unreadable, empty
+                records[i] = error_record(key, "watch", self.backend.info().name, exc, t0)
+        if images:
+            try:
+                results = self.backend.submit(images, timeout_s=self.timeout_s, source="watch")
+            except Exception as exc:
+                return self._put_off(len(keys), exc)
+            if len(results) != len(images):
+                return self._put_off(len(keys), ServeError("internal", f"expected {len(images)} records from the "
+                                                                       f"backend, got {len(results)}"))
+            for i, record in zip(slots, results):
+                records[i] = {**record, "key": keys[i], "source": "watch"}
+        try:
+            self.on_records(records)  # type: ignore[arg-type]
+        except Exception as exc:
+            return self._put_off(len(keys), exc)
+        self._backoff_s = 0.0
+        for key, rel, record in zip(keys, rels, records):
+            assert record is not None
+            self._done.add(key)
+            del self._watching[key]
+            failed = record["error"] is not None
+            self._counts["failed" if failed else "done"] += 1
+            self._move(key, rel, self.failed_dir if failed else self.done_dir)
+        return True
+
+    def _put_off(self, n: int, exc: Exception) -> bool:
+        """Back off after a request-level failure: the files stay and are tried again later."""
+        self._backoff_s = min(_MAX_BACKOFF_S, max(2 * self._backoff_s, self.poll_s, 0.25))
+        self._retry_at = time.monotonic() + self._backoff_s
+        self._counts["retries"] += 1
+        if isinstance(exc, ServeError):
+            logger.warning("hot folder: %d files put off for %.2fs: %s (%s)", n, self._backoff_s, exc, exc.reason)
+        else:
+            logger.error("hot folder: %d files put off for %.2fs", n, self._backoff_s, exc_info=exc)
+        return False
+
+    def _move_leftover(self, key: str, rel: str) -> None:
+        """A file whose record is already written (by this run or an earlier one) but is still here."""
+        if self.done_dir is not None and key not in self._left:
+            self._move(key, rel, self.done_dir)
+
+    def _move(self, key: str, rel: str, dest_root: str | None) -> None:
+        if dest_root is None:
+            self._left.add(key)
+            return
+        src = os.path.join(self._root, rel)
+        try:
+            dest = move_no_clobber(src, os.path.join(dest_root, rel))
+        except FileNotFoundError:  # vanished after it was read: nothing left to move
+            return
+        except OSError as exc:
+            self._left.add(key)
+            logger.warning("hot folder: cannot move %r to %r: %s; it stays", src, dest_root, exc)
+            return
+        self._counts["moved"] += 1
+        logger.debug("hot folder: %r -> %r", src, dest)
+
+
+def move_no_clobber(src: str, dest: str) -> str:
+    """Move ``src`` to ``dest``, or to ``dest`` with ``-1``, ``-2``, ... before its extension if taken.
+
+    Never overwrites: a hard link claims the name atomically (it fails if the name exists),
+    then the source is unlinked. Across file systems, or where hard links are not allowed,
+    the file is copied after a check that the name is free.
+
+    Returns:
+        The path it was moved to.
+    """
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    stem, ext = os.path.splitext(dest)
+    for n in itertools.count():
+        candidate = dest if n == 0 else f"{stem}-{n}{ext}"
+        if os.path.lexists(candidate):
+            continue
+        try:
+            os.link(src, candidate, follow_symlinks=False)
+        except FileExistsError:  # taken since the check
+            continue
+        except FileNotFoundError:
+            raise
+        except (OSError, NotImplementedError):  # another file system, or no hard links there
+            shutil.move(src, candidate)
+            return candidate
+        os.unlink(src)
+        return candidate
+    raise AssertionError("unreachable")
+
+
+def _is_real_dir(entry: os.DirEntry[str]) -> bool:
+    """A folder that is not a symlink (symlinked folders could form loops)."""
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False

@@ -1,0 +1,368 @@
+"""``wanwu serve``: the daemon as users run it (the CLI in a child process) and its backend.
+
+Real processes, sockets, shared memory and the real model on real photos; the
+HTTP client is Triton's own ``tritonclient.http``, unmodified.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+
+from conftest import CAT_CLASSES, COFFEE_CLASSES, jpeg_bytes, make_corpus, png_bytes, wanwu_cmd
+from wanwu.errors import ConfigError, StageError
+from wanwu.pipeline.serve.backend import ServeError
+from wanwu.pipeline.serve.config import ServeConfig
+from wanwu.pipeline.serve.dispatch import PipelineBackend
+from wanwu.stages.models.base import get_model_spec
+from wanwu.stages.sinks.base import read_records
+
+MODEL = "efficientnet_lite0"
+ZH = get_model_spec(MODEL).labels().zh
+
+
+class Served:
+    """A ``wanwu serve`` child process and the addresses it printed."""
+
+    def __init__(self, *args: str, env: dict | None = None) -> None:
+        self.proc = subprocess.Popen(wanwu_cmd("serve", "--http-port", "0", "--metrics-port", "0", *args),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
+        line = self.proc.stdout.readline()  # the ready line, once the model is loaded
+        if not line:
+            raise AssertionError(f"wanwu serve did not start: {self.proc.stderr.read()[-3000:]}")
+        self.addresses = json.loads(line)
+
+    @property
+    def url(self) -> str:
+        return self.addresses["http"]
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, then the exit status (the test fails if it takes longer than ``timeout``)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self.stderr = self.proc.stderr.read()
+        return code
+
+    def worker_pids(self, role: str) -> list[int]:
+        """Pids of this daemon's workers of ``role`` ("decoder" or "inference")."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == self.proc.pid and b"wanwu.pipeline.worker" in cmd and role.encode() in cmd:
+                pids.append(int(entry.name))
+        return pids
+
+
+@pytest.fixture(scope="module")
+def images(photos):
+    return {"chelsea": jpeg_bytes(photos["chelsea"]), "coffee": png_bytes(photos["coffee"])}
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    out = tmp_path_factory.mktemp("d") / "stream.jsonl"
+    served = Served("--max-queue-delay-ms", "5", "--zmq", "tcp://127.0.0.1:0", "--zmq-stream", "tcp://127.0.0.1:0",
+                    "--out", str(out))
+    served.out = out
+    yield served
+    assert served.stop() == 0, served.stderr[-3000:]
+
+
+def image_input(*datas: bytes) -> triton.InferInput:
+    tensor = triton.InferInput("IMAGE", [len(datas), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[d] for d in datas], dtype=np.object_), binary_data=True)
+    return tensor
+
+
+def check_labels(labels: np.ndarray, expected: list[set[int]]) -> None:
+    """Rows of the LABELS output: JSON labels, or (with ``class_count``) Triton's classification
+    strings ``score:class_id:label``; elements are bytes in binary outputs, str in JSON ones."""
+    for row, classes in zip(labels, expected):
+        text = row[0].decode("utf-8") if isinstance(row[0], bytes) else row[0]
+        if text.startswith("{"):
+            doc = json.loads(text)
+            score, class_id, label = doc["score"], doc["class_id"], doc["label"]
+        else:
+            score, class_id, label = text.split(":", 2)
+        assert int(class_id) in classes and label == ZH[int(class_id)] and 0 < float(score) <= 1
+
+
+def test_tritonclient_from_32_threads_binary_and_json(daemon, images):
+    errors: list[BaseException] = []
+    answered = []
+
+    def client_thread(i: int) -> None:
+        try:
+            with triton.InferenceServerClient(daemon.url) as client:
+                assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
+                meta = client.get_model_metadata(MODEL)
+                assert meta["name"] == MODEL and meta["inputs"][0]["datatype"] == "BYTES"
+                for round_ in range(3):
+                    binary = (i + round_) % 2 == 0
+                    outputs = [triton.InferRequestedOutput("LABELS", binary_data=binary, class_count=3),
+                               triton.InferRequestedOutput("SCORES", binary_data=binary)]
+                    result = client.infer(MODEL, [image_input(images["chelsea"], images["coffee"])], outputs=outputs)
+                    check_labels(result.as_numpy("LABELS"), [CAT_CLASSES, COFFEE_CLASSES])
+                    scores = result.as_numpy("SCORES")
+                    assert scores.dtype == np.float32 and scores.shape == (2, 5)
+                    assert ("parameters" in result.get_output("SCORES")) is binary
+                    answered.append(binary)
+        except BaseException as exc:  # surfaced below, with every thread's failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors, errors[:3]
+    assert len(answered) == 96 and 0 < sum(answered) < 96  # both binary and JSON outputs were asked for
+    with triton.InferenceServerClient(daemon.url) as client:
+        stats = client.get_inference_statistics(MODEL)["model_stats"][0]
+    # Requests from many clients were batched together: fewer engine calls than images.
+    assert int(stats["inference_count"]) >= 192 > int(stats["execution_count"])
+
+
+def test_plain_http_base64_json(daemon, images):
+    tensor = {"name": "IMAGE", "shape": [2, 1], "datatype": "BYTES", "parameters": {"content_type": "base64"},
+              "data": [base64.b64encode(images["chelsea"]).decode(), base64.b64encode(images["coffee"]).decode()]}
+    request = urllib.request.Request(f"http://{daemon.url}/v2/models/{MODEL}/infer",
+                                     json.dumps({"inputs": [tensor]}).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        doc = json.loads(response.read())
+    outputs = {o["name"]: o for o in doc["outputs"]}
+    labels = [json.loads(s) for s in outputs["LABELS"]["data"]]
+    assert labels[0]["class_id"] in CAT_CLASSES and labels[5]["class_id"] in COFFEE_CLASSES
+    assert labels[0]["label"] == ZH[labels[0]["class_id"]]
+
+
+def test_readme_zmq_client_works_as_printed(daemon, photos, tmp_path):
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- zmq-client -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    client = tmp_path / "client.py"
+    client.write_text(block, encoding="utf-8")
+    cat, cup = tmp_path / "猫 cat.jpg", tmp_path / "cup.png"
+    cat.write_bytes(jpeg_bytes(photos["chelsea"]))
+    cup.write_bytes(png_bytes(photos["coffee"]))
+    result = subprocess.run([sys.executable, str(client), daemon.addresses["zmq_request"], str(cat), str(cup)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(str(cat)) and lines[1].startswith(str(cup))
+    assert any(ZH[c] in lines[0] for c in CAT_CLASSES) and any(ZH[c] in lines[1] for c in COFFEE_CLASSES)
+
+
+def test_zmq_stream_records_go_to_the_sink(daemon, images):
+    import zmq
+
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.linger = 5000
+    push.connect(daemon.addresses["zmq_stream"])
+    names = [f"摄像头-{i}.jpg" for i in range(10)]
+    for name in names:
+        push.send_multipart([name.encode(), images["chelsea"]])
+    push.send_multipart([b"broken.jpg", b"not an image"])
+    push.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        records = {r["key"]: r for r in read_records(str(daemon.out))} if daemon.out.exists() else {}
+        if len(records) >= 11:
+            break
+        time.sleep(0.1)
+    assert set(records) == set(names) | {"broken.jpg"}
+    assert all(records[n]["labels"][0]["class_id"] in CAT_CLASSES and records[n]["source"] == "zmq" for n in names)
+    assert records["broken.jpg"]["error"]["type"] == "DecodeError"
+
+
+def metrics(daemon) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{daemon.addresses['metrics']}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def test_metrics(daemon, images):
+    with triton.InferenceServerClient(daemon.url) as client:
+        client.infer(MODEL, [image_input(images["chelsea"])])
+        with pytest.raises(Exception):
+            client.infer(MODEL, [image_input(b"not an image")])  # a request whose image fails
+    m = metrics(daemon)
+    assert m['wanwu_requests_total{door="http",outcome="ok"}'] >= 1
+    assert m['wanwu_requests_total{door="http",outcome="image_errors"}'] >= 1
+    assert m['wanwu_images_total{outcome="error"}'] >= 1
+    assert m["wanwu_batch_size_count"] >= 1 and m["wanwu_batch_size_sum"] >= m["wanwu_batch_size_count"]
+    assert m['wanwu_request_duration_seconds_count{door="http"}'] >= 2
+    assert m["wanwu_ready"] == 1 and m["wanwu_queue_depth"] == 0
+    assert 'wanwu_stage_busy_ratio{stage="inference"}' in m
+
+
+def test_killed_decoder_loses_no_request(daemon, images):
+    """Kill -9 a decoder under load: every request gets its labels or an explicit error, and the
+    daemon stays ready with a new decoder."""
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def client_thread() -> None:
+        with triton.InferenceServerClient(daemon.url, network_timeout=120) as client:
+            for _ in range(8):
+                try:
+                    result = client.infer(MODEL, [image_input(images["chelsea"], images["coffee"])])
+                    check_labels(result.as_numpy("LABELS"), [CAT_CLASSES, COFFEE_CLASSES])
+                    outcome = "ok"
+                except triton.InferenceServerException as exc:
+                    outcome = f"error: {exc}"  # explicit, with a message
+                with lock:
+                    outcomes.append(outcome)
+
+    before = set(daemon.worker_pids("decoder"))
+    threads = [threading.Thread(target=client_thread) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    victim = sorted(before)[0]
+    os.kill(victim, signal.SIGKILL)
+    for t in threads:
+        t.join(180)
+    assert len(outcomes) == 64  # no client is left waiting
+    failed = [o for o in outcomes if o != "ok"]
+    assert not failed, failed[:3]  # one death: every image in flight was retried and answered
+    after = set(daemon.worker_pids("decoder"))
+    assert victim not in after and len(after) == len(before)
+    with triton.InferenceServerClient(daemon.url) as client:
+        assert client.is_server_ready()
+    assert metrics(daemon)['wanwu_worker_restarts_total{stage="decoder"}'] >= 1
+
+
+@pytest.fixture(scope="module")
+def backend():
+    cfg = ServeConfig(http=False, zmq_request="tcp://127.0.0.1:0", max_images_per_request=4, max_queue_size=4,
+                      decoders=1)
+    backend = PipelineBackend(cfg)
+    backend.start()
+    yield backend
+    backend.shutdown()
+
+
+def test_queue_full_and_timeout_are_explicit(backend, images):
+    records = backend.submit([images["chelsea"], b"junk"], source="test")
+    assert records[0]["labels"][0]["class_id"] in CAT_CLASSES and records[0]["error"] is None
+    assert records[1]["error"]["type"] == "DecodeError" and records[1]["labels"] == []
+    with pytest.raises(ServeError) as info:
+        backend.submit([images["chelsea"]] * 5)
+    assert info.value.reason == "too_large"
+    with pytest.raises(ServeError) as info:
+        backend.submit([images["chelsea"]], timeout_s=1e-4)
+    assert info.value.reason == "timeout"
+    for _ in range(10):  # fill the queue from one thread, then knock from another
+        filler = threading.Thread(target=backend.submit, args=([images["chelsea"]] * 4,))
+        filler.start()
+        deadline = time.monotonic() + 5
+        while backend.queue_depth() < 4 and filler.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        try:
+            if backend.queue_depth() == 4:
+                with pytest.raises(ServeError) as info:
+                    backend.submit([images["coffee"]])
+                assert info.value.reason == "queue_full"
+                break
+        finally:
+            filler.join()
+    else:
+        pytest.fail("never saw a full queue")
+    assert backend.submit([images["coffee"]])[0]["labels"][0]["class_id"] in COFFEE_CLASSES  # still serving
+    assert backend.ready()
+
+
+def test_backend_that_cannot_start_says_why():
+    """An engine that cannot load in the inference process (here: a GPU no machine has)
+    fails start() with the worker's reason, instead of a daemon that restarts it forever."""
+    backend = PipelineBackend(ServeConfig(engine="torch", device="cuda:99", decoders=1))
+    with pytest.raises(StageError) as info:
+        backend.start(timeout_s=120)
+    assert "could not start" in str(info.value) and "inference: " in str(info.value)
+    assert not backend.ready() and not backend.live()
+
+
+def test_config_file_and_flags(tmp_path):
+    path = tmp_path / "serve.toml"
+    path.write_text('[http]\nhttp_port = 9100\ntoken = "s3cret"\n[batching]\nmax_batch_size = 16\n'
+                    'preferred_batch_sizes = [8, 16]\n')
+    cfg = ServeConfig.from_toml(str(path), http_port=9200)
+    assert (cfg.http_port, cfg.token, cfg.max_batch_size, cfg.preferred_batch_sizes) == (9200, "s3cret", 16, (8, 16))
+    assert cfg.job().batch_size == 16 and cfg.job().restartable
+    path.write_text("max_batch = 16\n")
+    with pytest.raises(ConfigError, match="max_batch"):
+        ServeConfig.from_toml(str(path))
+    with pytest.raises(ConfigError, match="out"):
+        ServeConfig(watch=str(tmp_path))
+    result = subprocess.run(wanwu_cmd("serve", "--config", str(path)), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "max_batch" in result.stderr
+    result = subprocess.run(wanwu_cmd("serve", "--print-config", "--http-port", "9300"), capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and "http_port = 9300" in result.stdout
+
+
+def test_hot_folder_once_each_across_restart(tmp_path, photos):
+    """100 images dropped into the watched folder give 100 records, once each, though the
+    daemon is stopped (SIGTERM, exit 0) and started again half way."""
+    watched, done, failed = tmp_path / "in", tmp_path / "done", tmp_path / "failed"
+    staging = tmp_path / "staging"
+    keys = make_corpus(staging, photos, 100)
+    watched.mkdir()
+    out = tmp_path / "watch.sqlite"
+    args = ("--no-http", "--watch", str(watched), "--watch-done", str(done), "--watch-failed", str(failed),
+            "--out", str(out), "--watch-settle-s", "0.2")
+
+    def drop(batch: list[str]) -> None:
+        for key in batch:
+            target = watched / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / key, target)  # atomic, like a careful uploader
+
+    def wait_for(n: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if out.exists() and len(read_records(str(out))) >= n:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"expected {n} records, have {len(read_records(str(out))) if out.exists() else 0}")
+
+    first = Served(*args)
+    drop(keys[:60])
+    wait_for(30)
+    assert first.stop() == 0, first.stderr[-3000:]  # mid-stream: drains what it took
+    second = Served(*args)
+    drop(keys[60:])
+    wait_for(100)
+    time.sleep(1.0)  # a doubled record would show up now
+    assert second.stop() == 0, second.stderr[-3000:]
+    records = read_records(str(out))
+    assert sorted(r["key"] for r in records) == sorted(keys)
+    assert all(r["error"] is None and r["source"] == "watch" for r in records)
+    assert sorted(str(p.relative_to(done)) for p in done.rglob("*.jpg")) == sorted(keys)
+    assert not list(watched.rglob("*.jpg"))
