@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from wanwu.errors import ConfigError
 from wanwu.stages.decoders.base import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:
+    from wanwu.pipeline.batching import BatchPolicy
 
 
 def cpu_count() -> int:

@@ -14,8 +14,8 @@ import zmq
 
 from wanwu.errors import InputError
 from wanwu.pipeline import transport
-from wanwu.pipeline.loader import error_record
 from wanwu.pipeline.messages import Decoded, Records, Release, WorkItem
+from wanwu.pipeline.records import error_record
 from wanwu.pipeline.worker import Worker
 from wanwu.stages.decoders.base import DecodeConfig, create_decoder
 
@@ -81,7 +81,7 @@ class DecoderWorker(Worker):
         for (item, _), slot, result in zip(items, slots, results):
             if isinstance(result, InputError):
                 self.free.append(slot)
-                errors.append(error_record(item.key, item.source, self.job.model, result, item.t0))
+                errors.append(error_record(item.key, item.source, self.spec.model, result, item.t0))
             else:
                 transport.send(self.decoded, Decoded(item.key, item.source, slot, result.width, result.height,
                                                      item.t0, self.spec.index, self.spec.generation))

@@ -136,7 +136,8 @@ class Job:
             with open(done_path, "wb") as f:
                 pickle.dump(done, f, protocol=pickle.HIGHEST_PROTOCOL)
             del done
-            base = WorkerSpec("", 0, self.cfg, endpoints, str(pool.path), model.preprocess, n_slots, done_path)
+            base = WorkerSpec("", 0, self.cfg, endpoints, str(pool.path), model.preprocess, n_slots, done_path,
+                              model_name=model.name)
             self._start_workers(base)
             self._watch(events, control, pool, Progress(self.cfg.progress, self.cfg.log_interval_s, self.result.skipped))
             control.send(STOP)

@@ -14,9 +14,10 @@ from typing import Iterator
 
 import zmq
 
-from wanwu.errors import ReadError, error_dict
+from wanwu.errors import ReadError
 from wanwu.pipeline import transport
 from wanwu.pipeline.messages import Records, ScanDone, WorkItem
+from wanwu.pipeline.records import error_record
 from wanwu.pipeline.worker import Worker
 from wanwu.stages.sources.base import Source, SourceItem, job_key, open_source
 
@@ -25,14 +26,6 @@ logger = logging.getLogger(__name__)
 # Encoded images queued per decoder: enough to hide read latency, small enough
 # to bound memory (a few 12-megapixel JPEGs at most).
 WORK_HWM = 4
-
-
-def error_record(key: str, source: str, model: str, exc: BaseException, t0: float) -> dict:
-    """The record of an input that failed before inference."""
-    return {
-        "key": key, "source": source, "width": None, "height": None, "labels": [],
-        "model": model, "elapsed_ms": round((time.time() - t0) * 1000.0, 3), "error": error_dict(exc),
-    }
 
 
 class LoaderWorker(Worker):
@@ -68,7 +61,7 @@ class LoaderWorker(Worker):
                 with self.busy():
                     data = source.read(item)  # raises ReadError for missing or empty inputs
             except ReadError as exc:
-                rec = error_record(key, item.source, self.job.model, exc, t0)
+                rec = error_record(key, item.source, self.spec.model, exc, t0)
                 transport.send(self.records, Records((rec,)))
             else:
                 if not self._send_work(WorkItem(key, item.source, t0), data):

@@ -54,6 +54,12 @@ class WorkerSpec:
     n_slots: int  # slots in the pool
     done_keys_path: str = ""  # loader: pickled set of keys already in the output
     generation: int = 0  # restarts of this worker so far (the daemon restarts dead workers)
+    model_name: str = ""  # the resolved model's name, for error records ("" = job.model as given)
+
+    @property
+    def model(self) -> str:
+        """The ``model`` field of the records this worker writes."""
+        return self.model_name or self.job.model
 
     @property
     def frame(self) -> FrameSpec:

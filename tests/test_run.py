@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from conftest import (CAT_CLASSES, COFFEE_CLASSES, make_corpus, run_wanwu, wanwu_cmd, write_hostile,
-                      write_photos)
-from wanwu.pipeline.shm import shm_dir
+from conftest import CAT_CLASSES, COFFEE_CLASSES, run_wanwu, write_hostile, write_photos
 from wanwu.stages.sinks.base import read_records
 
 pytestmark = pytest.mark.slow

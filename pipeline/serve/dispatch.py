@@ -128,7 +128,7 @@ class PipelineBackend:
         # name. It is named after this process, so the next start reclaims it after a kill -9.
         self._pool = SlotPool.create(self.spec.preprocess.frame, self.job.n_slots)
         base = WorkerSpec("", 0, self.job, Endpoints(self._job_dir), str(self._pool.path), self.spec.preprocess,
-                          self.job.n_slots)
+                          self.job.n_slots, model_name=self.spec.name)
         self.supervisor = Supervisor(base, self.job.decoders)
         self._router = threading.Thread(target=self._route, name="wanwu-dispatch", daemon=True)
         self._router.start()

@@ -41,6 +41,7 @@ class _Slot:
     proc: subprocess.Popen | None = None
     started: float = 0.0
     backoff_s: float = 0.0
+    restarts: int = 0
     due: float = 0.0  # restart not before this (monotonic)
 
 
@@ -83,7 +84,9 @@ class Supervisor:
                              slot.spec.generation, code)
                 slot.proc = None
                 lived = now - slot.started
-                slot.backoff_s = 0.0 if lived >= STABLE_S else min(MAX_BACKOFF_S, max(0.5, slot.backoff_s * 2))
+                # The first death, or one after a long life, is restarted at once; quick repeats wait.
+                quick_repeat = lived < STABLE_S and slot.restarts > 0
+                slot.backoff_s = min(MAX_BACKOFF_S, max(0.5, slot.backoff_s * 2)) if quick_repeat else 0.0
                 slot.due = now + slot.backoff_s
         restarted: list[str] = []
         for name in dead:
@@ -115,6 +118,7 @@ class Supervisor:
     def _spawn(self, slot: _Slot, next_generation: bool = False) -> None:
         if next_generation:
             slot.spec = dataclasses.replace(slot.spec, generation=slot.spec.generation + 1)
+            slot.restarts += 1
         slot.proc = spawn(slot.spec)
         slot.started = time.monotonic()
 
