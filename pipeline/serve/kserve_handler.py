@@ -34,6 +34,9 @@ class KServeHandler(BaseHTTPRequestHandler):
     """Answers one connection's requests; see ``kserve`` for the endpoints."""
 
     protocol_version = "HTTP/1.1"  # keep-alive: Triton clients reuse connections
+    # Headers and body leave in two writes; with Nagle's algorithm on, the body waits for the
+    # client's delayed ACK of the headers: 40 ms on every answer (one client, median: 56 -> 12 ms).
+    disable_nagle_algorithm = True
     server_version = f"wanwu/{wanwu.__version__}"
     sys_version = ""  # no Python version in the Server header
     timeout = 120  # seconds an idle keep-alive connection (or a stalled upload) holds its thread
