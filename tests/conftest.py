@@ -6,7 +6,9 @@ import io
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -111,6 +113,36 @@ def make_corpus(folder: Path, photos: dict[str, np.ndarray], n: int) -> list[str
         (folder / key).write_bytes(jpeg_bytes(crop, size=(int(cw * scale), int(ch * scale))))
         keys.append(key)
     return keys
+
+
+@pytest.fixture(scope="module")
+def backend():
+    """The real model behind the in-process serving backend, loaded once per test module."""
+    from wanwu.pipeline.serve.inprocess import InProcessBackend
+
+    backend = InProcessBackend("efficientnet_lite0", top_k=5)
+    backend.start()
+    yield backend
+    backend.shutdown()
+
+
+def in_threads(fn: Callable[[int], None], n: int, timeout: float = 180) -> list[BaseException]:
+    """Run ``fn(0) .. fn(n - 1)`` in ``n`` threads at once; return what they raised."""
+    errors: list[BaseException] = []
+
+    def guarded(i: int) -> None:
+        try:
+            fn(i)
+        except BaseException as exc:  # noqa: BLE001 (handed to the test's thread)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    errors.extend(TimeoutError(f"{t.name} still running after {timeout} s") for t in threads if t.is_alive())
+    return errors
 
 
 def wanwu_cmd(*args: str) -> list[str]:

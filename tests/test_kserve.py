@@ -9,7 +9,6 @@ import base64
 import gzip
 import http.client
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -17,21 +16,13 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from conftest import CAT_CLASSES, COFFEE_CLASSES, jpeg_bytes, png_bytes
+from conftest import CAT_CLASSES, COFFEE_CLASSES, in_threads, jpeg_bytes, png_bytes
 from wanwu.pipeline.serve.inprocess import InProcessBackend
 from wanwu.pipeline.serve.kserve import KServeHTTPServer
 from wanwu.stages.models.base import get_model_spec
 
 MODEL = "efficientnet_lite0"
 ZH = get_model_spec(MODEL).labels().zh
-
-
-@pytest.fixture(scope="module")
-def backend():
-    backend = InProcessBackend(MODEL, top_k=5)
-    backend.start()
-    yield backend
-    backend.shutdown()
 
 
 def _serve(backend, **kwargs):
@@ -137,28 +128,20 @@ def test_compressed_request_and_response(client, images):
 
 
 def test_32_concurrent_clients(url, images):
-    errors: list[BaseException] = []
     answers: list[tuple[int, int]] = []
 
     def work(n: int) -> None:
-        try:
-            with triton.InferenceServerClient(url) as client:  # one per thread: its event loop is per thread
-                for i in range(3):
-                    first, second = ("chelsea", "coffee") if (n + i) % 2 else ("coffee", "chelsea")
-                    result = client.infer(MODEL, [image_input(images[first], images[second])],
-                                          outputs=[triton.InferRequestedOutput("LABELS", class_count=1)])
-                    ids = [parse_classes(row)[0][1] for row in result.as_numpy("LABELS")]
-                    want = {"chelsea": CAT_CLASSES, "coffee": COFFEE_CLASSES}
-                    assert ids[0] in want[first] and ids[1] in want[second], (first, second, ids)
-                    answers.append((n, i))
-        except BaseException as exc:  # noqa: BLE001 (handed to the main thread)
-            errors.append(exc)
+        with triton.InferenceServerClient(url) as client:  # one per thread: its event loop is per thread
+            for i in range(3):
+                first, second = ("chelsea", "coffee") if (n + i) % 2 else ("coffee", "chelsea")
+                result = client.infer(MODEL, [image_input(images[first], images[second])],
+                                      outputs=[triton.InferRequestedOutput("LABELS", class_count=1)])
+                ids = [parse_classes(row)[0][1] for row in result.as_numpy("LABELS")]
+                want = {"chelsea": CAT_CLASSES, "coffee": COFFEE_CLASSES}
+                assert ids[0] in want[first] and ids[1] in want[second], (first, second, ids)
+                answers.append((n, i))
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    errors = in_threads(work, 32)
     assert not errors, errors[:3]
     assert len(answers) == 32 * 3
 

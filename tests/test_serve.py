@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from conftest import CAT_CLASSES, COFFEE_CLASSES, jpeg_bytes, make_corpus, png_bytes, wanwu_cmd
+from conftest import CAT_CLASSES, COFFEE_CLASSES, in_threads, jpeg_bytes, make_corpus, png_bytes, wanwu_cmd
 from wanwu.errors import ConfigError, StageError
 from wanwu.pipeline.serve.backend import ServeError
 from wanwu.pipeline.serve.config import ServeConfig
@@ -109,33 +109,25 @@ def check_labels(labels: np.ndarray, expected: list[set[int]]) -> None:
 
 
 def test_tritonclient_from_32_threads_binary_and_json(daemon, images):
-    errors: list[BaseException] = []
     answered = []
 
     def client_thread(i: int) -> None:
-        try:
-            with triton.InferenceServerClient(daemon.url) as client:
-                assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
-                meta = client.get_model_metadata(MODEL)
-                assert meta["name"] == MODEL and meta["inputs"][0]["datatype"] == "BYTES"
-                for round_ in range(3):
-                    binary = (i + round_) % 2 == 0
-                    outputs = [triton.InferRequestedOutput("LABELS", binary_data=binary, class_count=3),
-                               triton.InferRequestedOutput("SCORES", binary_data=binary)]
-                    result = client.infer(MODEL, [image_input(images["chelsea"], images["coffee"])], outputs=outputs)
-                    check_labels(result.as_numpy("LABELS"), [CAT_CLASSES, COFFEE_CLASSES])
-                    scores = result.as_numpy("SCORES")
-                    assert scores.dtype == np.float32 and scores.shape == (2, 5)
-                    assert ("parameters" in result.get_output("SCORES")) is binary
-                    answered.append(binary)
-        except BaseException as exc:  # surfaced below, with every thread's failure
-            errors.append(exc)
+        with triton.InferenceServerClient(daemon.url) as client:
+            assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
+            meta = client.get_model_metadata(MODEL)
+            assert meta["name"] == MODEL and meta["inputs"][0]["datatype"] == "BYTES"
+            for round_ in range(3):
+                binary = (i + round_) % 2 == 0
+                outputs = [triton.InferRequestedOutput("LABELS", binary_data=binary, class_count=3),
+                           triton.InferRequestedOutput("SCORES", binary_data=binary)]
+                result = client.infer(MODEL, [image_input(images["chelsea"], images["coffee"])], outputs=outputs)
+                check_labels(result.as_numpy("LABELS"), [CAT_CLASSES, COFFEE_CLASSES])
+                scores = result.as_numpy("SCORES")
+                assert scores.dtype == np.float32 and scores.shape == (2, 5)
+                assert ("parameters" in result.get_output("SCORES")) is binary
+                answered.append(binary)
 
-    threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
+    errors = in_threads(client_thread, 32)
     assert not errors, errors[:3]
     assert len(answered) == 96 and 0 < sum(answered) < 96  # both binary and JSON outputs were asked for
     with triton.InferenceServerClient(daemon.url) as client:

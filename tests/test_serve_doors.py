@@ -18,10 +18,9 @@ import pytest
 import zmq
 import zmq.auth
 
-from conftest import CAT_CLASSES, COFFEE_CLASSES, REPO, jpeg_bytes, png_bytes
+from conftest import CAT_CLASSES, COFFEE_CLASSES, REPO, in_threads, jpeg_bytes, png_bytes
 from wanwu.errors import ConfigError
 from wanwu.pipeline.serve.backend import ServeError
-from wanwu.pipeline.serve.inprocess import InProcessBackend
 from wanwu.pipeline.serve.watch import HotFolder
 from wanwu.pipeline.serve.curve import make_curve_keys
 from wanwu.pipeline.serve.zmq_door import ZmqDoor
@@ -30,14 +29,6 @@ from wanwu.stages.models.base import get_model_spec
 MODEL = "efficientnet_lite0"
 ZH = get_model_spec(MODEL).labels().zh
 CAT_LABELS = {ZH[c] for c in CAT_CLASSES}
-
-
-@pytest.fixture(scope="module")
-def backend():
-    backend = InProcessBackend(MODEL, top_k=5)
-    backend.start()
-    yield backend
-    backend.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -211,28 +202,21 @@ def test_oversize_requests_are_refused_and_the_door_keeps_serving(backend, ctx, 
 
 
 def test_16_concurrent_dealers(door, images):
-    address, answers, errors = door[0]["request"], [], []
+    address, answers = door[0]["request"], []
     ctx = zmq.Context()
 
     def client(n: int) -> None:
-        try:
-            for i in range(2):
-                first, second = ("chelsea", "coffee") if (n + i) % 2 else ("coffee", "chelsea")
-                rid = f"客户{n}-{i}".encode()
-                reply = ask(ctx, address, rid, images[first], images[second], timeout_ms=60_000)
-                assert reply is not None and reply[0] == rid
-                records = json.loads(reply[1])["records"]
-                want = {"chelsea": CAT_CLASSES, "coffee": COFFEE_CLASSES}
-                assert top_class(records[0]) in want[first] and top_class(records[1]) in want[second]
-                answers.append((n, i))
-        except BaseException as exc:  # noqa: BLE001 (handed to the main thread)
-            errors.append(exc)
+        for i in range(2):
+            first, second = ("chelsea", "coffee") if (n + i) % 2 else ("coffee", "chelsea")
+            rid = f"客户{n}-{i}".encode()
+            reply = ask(ctx, address, rid, images[first], images[second], timeout_ms=60_000)
+            assert reply is not None and reply[0] == rid
+            records = json.loads(reply[1])["records"]
+            want = {"chelsea": CAT_CLASSES, "coffee": COFFEE_CLASSES}
+            assert top_class(records[0]) in want[first] and top_class(records[1]) in want[second]
+            answers.append((n, i))
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    errors = in_threads(client, 16, timeout=120)
     ctx.destroy(linger=0)
     assert not errors, errors[:3]
     assert sorted(answers) == [(n, i) for n in range(16) for i in range(2)]
