@@ -71,6 +71,8 @@ class DecoderWorker(Worker):
             items.append((msg, payload))
         if not items:
             return
+        if self.job.restartable:  # the daemon retries only what a dead decoder held
+            self.emit("taken", keys=[item.key for item, _ in items], generation=self.spec.generation)
         slots = [self.free.popleft() for _ in items]
         assert self.pool is not None
         with self.busy():

@@ -15,9 +15,10 @@ requests from every front door.
 
 Nothing waits forever: the queue is bounded (``max_queue_size`` images accepted
 and not yet answered; beyond it a request fails at once with ``queue_full``), and
-every request has a deadline (``timeout``). When a worker dies, the images in
-flight are sent again once; an image caught by a second death gets an error
-record. Records are matched by key, so an image answered twice is answered once.
+every request has a deadline (``timeout``). Decoders say which images they take;
+when one dies, the images it held are sent again once (all images in flight when
+the inference process dies), and an image whose holder dies a second time gets an
+error record. Records are matched by key, so an image answered twice is answered once.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import math
 import os
 import shutil
 import threading
@@ -51,8 +53,9 @@ from wanwu.stages.models.base import get_model_spec
 logger = logging.getLogger(__name__)
 
 POLL_MS = 50  # router's longest sleep; supervision runs at least this often
-RESWEEP_S = 1.0  # after a death, images sent in this window are sent again too (see _on_restart)
+RESWEEP_S = 1.0  # after a death, images no decoder took within this long are sent again (see _supervise)
 STOP_TIMEOUT_S = 15.0
+MAX_UNCLAIMED_RESENDS = 3
 
 
 @dataclass(eq=False)
@@ -76,6 +79,8 @@ class _Item:
     t0: float
     attempts: int = 1
     sent_at: float = 0.0  # monotonic; 0 = waiting in the outbox
+    holder: tuple[str, int] | None = None  # (decoder, generation) that said it took the image
+    unclaimed_resends: int = 0  # re-sent with no decoder known to have held it
 
 
 class PipelineBackend:
@@ -343,7 +348,14 @@ class PipelineBackend:
 
     def _on_event(self, event: Event) -> None:
         assert self.supervisor is not None
-        if event.kind == "ready" and event.stage == "inference":
+        if event.kind == "taken":  # a decoder holds these images now: its death is theirs
+            holder = (event.stage, event.data["generation"])
+            with self._lock:
+                for key in event.data["keys"]:
+                    item = self._pending.get(key)
+                    if item is not None and item.sent_at:
+                        item.holder = holder
+        elif event.kind == "ready" and event.stage == "inference":
             self._inference_ready = True
             self._started.set()
             if self.metrics:
@@ -367,6 +379,7 @@ class PipelineBackend:
         assert self.supervisor is not None
         if self._startup_failure and not self._started.is_set():
             return  # start() is about to give up; restarting would only repeat the failure
+        generations = {name: self.supervisor.generation(name) for name in self.supervisor.slots}
         restarted = self.supervisor.check()
         if restarted:
             if "inference" in restarted:
@@ -376,32 +389,41 @@ class PipelineBackend:
             if self.metrics:
                 for name in restarted:
                     self.metrics.restarts.labels(name.split("-")[0]).inc()
-            self._resend(now, count_attempt=True)
+            # The inference process's death (which restarts every decoder) loses everything in flight.
+            self._resend({(name, generations[name]) for name in restarted}, everything="inference" in restarted)
             self._resweeps.append(now + RESWEEP_S)
         if self._resweeps and now >= self._resweeps[0]:
-            # Images pushed to a dead decoder's queue after its death but before ZeroMQ
-            # noticed are lost in that queue: send those again too (answers are deduplicated).
+            # Images pushed into a dead decoder's queue after it died but before ZeroMQ noticed
+            # are lost there, and no decoder says it took them: send those again too.
             self._resweeps.pop(0)
-            self._resend(now - RESWEEP_S, count_attempt=False)
+            self._resend(set(), everything=False, untaken_before=now - RESWEEP_S / 2)
 
-    def _resend(self, since: float, count_attempt: bool) -> None:
-        """Send again images sent before ``since`` (count_attempt) or after it (a re-sweep)."""
+    def _resend(self, dead: set[tuple[str, int]], everything: bool, untaken_before: float = math.inf) -> None:
+        """Send again the images held by the ``dead`` workers (an attempt: the second fails the
+        image), and those sent before ``untaken_before`` that no decoder has said it took (they
+        may sit in a dead decoder's queue): free the first ``MAX_UNCLAIMED_RESENDS`` times, then
+        as attempts. Answers are deduplicated."""
         failed: list[_Item] = []
         with self._lock:
             for item in self._pending.values():
                 if not item.sent_at:
                     continue  # still in the outbox
-                if count_attempt and item.sent_at <= since:
+                unclaimed = item.holder is None and item.sent_at <= untaken_before
+                if unclaimed and item.unclaimed_resends < MAX_UNCLAIMED_RESENDS:
+                    item.unclaimed_resends += 1
+                elif everything or item.holder in dead or unclaimed:
+                    # An image that kills its decoder before the "taken" event leaves still runs
+                    # out of resends here, so a poisonous image cannot crash decoders forever.
                     if item.attempts >= 2:
                         failed.append(item)
                         continue
                     item.attempts += 1
-                elif count_attempt or item.sent_at <= since:
+                else:
                     continue
-                item.sent_at = 0.0
+                item.sent_at, item.holder = 0.0, None
                 self._outbox.appendleft(item)
         if failed:
-            self._fail(failed, StageError("a worker process died twice while this image was in flight"))
+            self._fail(failed, StageError("the worker process holding this image died twice"))
 
 
 def _waiting(sock: zmq.Socket) -> Iterator[object]:
