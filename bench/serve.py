@@ -110,9 +110,11 @@ def start_daemon(extra: list[str]) -> tuple[subprocess.Popen, str]:
 
 
 def offline_rate(folder: Path, workdir: Path, repeats: int) -> float:
-    from wanwu.bench.suite import Row, _wanwu
+    from wanwu.bench.suite import Row, _interleaved, _wanwu
 
-    return _wanwu(Row("wanwu run"), [str(folder)], workdir, repeats).rate
+    row = Row("wanwu run")
+    _interleaved([_wanwu(row, [str(folder)], workdir)], repeats)
+    return row.rate
 
 
 def main(argv: list[str] | None = None) -> int:

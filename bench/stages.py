@@ -49,23 +49,30 @@ def decode_rate(paths: Sequence[Path], processes: int, decoder: str = "auto",
 
 def inference_rate(n_images: int, batch_size: int = 32, engine: str = "auto", threads: int = 0,
                    model: str = "efficientnet_lite0", sample: Sequence[Path] = ()) -> tuple[float, str]:
-    """Images/s of the engine alone on ``n_images`` in batches; returns (rate, "engine precision")."""
+    """Images/s of the engine alone on ``n_images`` in batches; returns (rate, "engine precision").
+
+    The batches hold the decoded pixels of ``sample`` (cycled), not one batch again and
+    again: with ``--precision auto`` the cost depends on how many images are near ties.
+    """
     from wanwu.stages.decoders.base import DecodeConfig, create_decoder
     from wanwu.stages.engines.base import EngineConfig, create_engine
     from wanwu.stages.models.base import get_model_spec
 
     spec = get_model_spec(model)
-    batch = np.zeros((batch_size, *spec.preprocess.frame.shape), np.uint8)
+    sample = list(sample)[:n_images]
+    pixels = np.zeros((max(batch_size, len(sample)), *spec.preprocess.frame.shape), np.uint8)
     decoder = create_decoder("turbo", DecodeConfig(spec.preprocess))
-    for i, path in enumerate(list(sample)[:batch_size]):  # real pixels, not zeros
-        decoder.decode_into(Path(path).read_bytes(), batch[i])
+    for i, path in enumerate(sample):  # real pixels, not zeros
+        decoder.decode_into(Path(path).read_bytes(), pixels[i])
+    starts = range(0, len(pixels) - batch_size + 1, batch_size)
+    batches = [np.ascontiguousarray(pixels[s:s + batch_size]) for s in starts]
     eng = create_engine(engine, spec, EngineConfig(threads=threads, max_batch_size=batch_size))
     eng.load()
-    eng.infer(batch)
+    eng.infer(batches[0])
     n_batches = max(1, -(-n_images // batch_size))
     t0 = time.perf_counter()
-    for _ in range(n_batches):
-        eng.infer(batch)
+    for i in range(n_batches):
+        eng.infer(batches[i % len(batches)])
     rate = n_batches * batch_size / (time.perf_counter() - t0)
     label = f"{eng.name} {eng.precision}"
     eng.shutdown()

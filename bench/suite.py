@@ -1,8 +1,9 @@
 """The benchmark suite: wanwu against the usual alternatives, on the same corpus, in one run.
 
-Each row runs in fresh processes ``repeats`` times after one warm-up run; the
-table reports the median images/s and the peak resident memory of the row's
-whole process tree. Start-up (model load) is excluded everywhere: the
+Each row runs in fresh processes, one warm-up run and then ``repeats`` timed
+runs, in rounds (every row once per round; see ``_interleaved``); the table
+reports the median images/s and the peak resident memory of the row's whole
+process tree. Start-up (model load) is excluded everywhere: the
 baselines load their model before the clock starts, and wanwu's figure is its
 rate once its model is loaded (``--hold-until-ready``: no input is read before).
 """
@@ -18,6 +19,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from wanwu.bench.corpus import build_corpus
 from wanwu.bench.proctree import PeakRss
@@ -60,36 +62,55 @@ def _timed(cmd: list[str], env: dict | None = None) -> tuple[str, int]:
     return out, peak.peak
 
 
-def _measure(row: Row, kind: str, args: dict, repeats: int) -> Row:
+def _measure(row: Row, kind: str, args: dict) -> Callable[[bool], None]:
+    """One run of ``python -m wanwu.bench.measure`` per call; kept when called with True."""
     cmd = [sys.executable, "-m", "wanwu.bench.measure", kind, json.dumps(args)]
-    for i in range(repeats + 1):
+
+    def step(keep: bool) -> None:
         out, peak = _timed(cmd)
         result = json.loads(out.strip().splitlines()[-1])
-        if i:  # the first run warms caches
+        if keep:
             row.rates.append(result["rate"])
             row.peak_rss_bytes = max(row.peak_rss_bytes, peak)
             row.extra.update({k: v for k, v in result.items() if k != "rate"})
-    return row
+
+    return step
 
 
-def _wanwu(row: Row, inputs: list[str], workdir: Path, repeats: int, extra: list[str] = ()) -> Row:
+def _wanwu(row: Row, inputs: list[str], workdir: Path, extra: list[str] = ()) -> Callable[[bool], None]:
+    """One ``wanwu run`` per call (model load excluded: ``--hold-until-ready``); kept when called with True."""
     stats_path = workdir / "stats.json"
-    firsts = []
-    for i in range(repeats + 1):
+    firsts: list[float] = []
+
+    def step(keep: bool) -> None:
         out = workdir / "results.jsonl"
         out.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "wanwu", "run", *inputs, "--out", str(out), "--progress", "none",
                "--stats-json", str(stats_path), "--hold-until-ready", *extra]
         _, peak = _timed(cmd)
         stats = json.loads(stats_path.read_text())
-        if i:
+        if keep:
             row.rates.append(stats["steady_images_per_s"])
             row.peak_rss_bytes = max(row.peak_rss_bytes, peak)
             firsts.append(stats["first_record_s"])
-            row.extra["wall_images_per_s"] = stats["images_per_s"]
-            row.extra["busy"] = stats["busy"]
-    row.extra["first_record_s"] = statistics.median(firsts)
-    return row
+            row.extra.update(wall_images_per_s=stats["images_per_s"], busy=stats["busy"],
+                             first_record_s=statistics.median(firsts))
+
+    return step
+
+
+def _interleaved(steps: list[Callable[[bool], None]], repeats: int) -> None:
+    """A warm-up of every row, then ``repeats`` rounds of one run of every row.
+
+    Rounds rather than row after row: a machine whose speed drifts over minutes
+    (shared hosts do) then shifts every row alike, and the ratios between rows
+    (speed-ups, efficiency) stay honest.
+    """
+    for step in steps:
+        step(False)
+    for _ in range(repeats):
+        for step in steps:
+            step(True)
 
 
 def _symlink_corpus(paths: list[Path], folder: Path, n: int) -> Path:
@@ -117,20 +138,24 @@ def run_suite(cfg: BenchConfig) -> dict:
         pack([str(workdir / f"corpus-{cfg.images}")], str(archive), resize_shorter=256)
     naive_paths = str_paths[: cfg.naive_images] if cfg.naive_images else str_paths
     common = {"model": cfg.model, "paths": str_paths}
-    rows = [
-        _measure(Row("naive"), "naive", {**common, "paths": naive_paths, "threads": cores}, cfg.repeats),
-        _measure(Row("dataloader"), "dataloader", {**common, "threads": cores, "workers": cores}, cfg.repeats),
-        _measure(Row("decode only"), "decode", {**common, "processes": cores, "decoder": "auto"}, cfg.repeats),
-        _measure(Row("inference only"), "inference", {**common, "batch_size": 32, "engine": "auto"}, cfg.repeats),
-        _wanwu(Row("wanwu"), [str(workdir / f"corpus-{cfg.images}")], workdir, cfg.repeats),
-        _wanwu(Row("wanwu lmdb-256"), [str(archive)], workdir, cfg.repeats),
-    ]
+    rows = [Row("naive"), Row("dataloader"), Row("decode only"), Row("inference only"), Row("wanwu"),
+            Row("wanwu lmdb-256")]
+    _interleaved([
+        _measure(rows[0], "naive", {**common, "paths": naive_paths, "threads": cores}),
+        _measure(rows[1], "dataloader", {**common, "threads": cores, "workers": cores}),
+        _measure(rows[2], "decode", {**common, "processes": cores, "decoder": "auto"}),
+        _measure(rows[3], "inference", {**common, "batch_size": 32, "engine": "auto"}),
+        _wanwu(rows[4], [str(workdir / f"corpus-{cfg.images}")], workdir),
+        _wanwu(rows[5], [str(archive)], workdir),
+    ], cfg.repeats)
     by = {r.name: r for r in rows}
     machine_limit = limit(by["decode only"].rate, by["inference only"].rate)
     memory = {}
     for n in cfg.memory_images:
         folder = _symlink_corpus(paths, workdir / f"links-{n}", n)
-        memory[n] = _wanwu(Row(f"wanwu {n}"), [str(folder)], workdir, 1).peak_rss_bytes
+        row = Row(f"wanwu {n}")
+        _wanwu(row, [str(folder)], workdir)(True)
+        memory[n] = row.peak_rss_bytes
     return {
         "machine": machine_description(),
         "config": asdict(cfg),
