@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,3 +98,46 @@ def recv(sock: zmq.Socket, flags: int = 0) -> tuple[object, zmq.Frame | None]:
 
     frames = sock.recv_multipart(flags, copy=False)
     return loads(frames[0].buffer), (frames[1] if len(frames) > 1 else None)
+
+
+class Waker:
+    """Wakes a thread blocked in ``zmq.Poller.poll`` from any other thread.
+
+    ZeroMQ sockets belong to one thread, so other threads cannot signal through
+    them; a pipe can. Register ``fd`` with the poller (``zmq.POLLIN``), call
+    ``drain()`` when it is readable, and ``wake()`` from anywhere. ``wake()`` after
+    ``close()`` does nothing, so it never writes to a reused descriptor number.
+    """
+
+    def __init__(self) -> None:
+        self.fd, self._w = os.pipe()
+        os.set_blocking(self.fd, False)
+        os.set_blocking(self._w, False)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def wake(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                os.write(self._w, b"\0")
+            except BlockingIOError:  # the pipe is full: a wake-up is pending anyway
+                pass
+
+    def drain(self) -> None:
+        """Consume the wake-ups so far (called by the polling thread)."""
+        try:
+            while os.read(self.fd, 4096):
+                pass
+        except (BlockingIOError, OSError):  # empty, or closed already
+            pass
+
+    def close(self) -> None:
+        """Close the pipe. Safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.close(self._w)
+            os.close(self.fd)

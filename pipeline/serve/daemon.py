@@ -135,8 +135,7 @@ class Daemon:
             if self._shut:
                 return
             self._shut = True
-        if self.metrics:
-            self.metrics.ready.set(0)
+        self.metrics.ready.set(0)  # draining starts now, before the backend hears of it
         # Doors first: the HTTP door's shutdown lets requests in flight finish, the hot folder
         # finishes its batch; the backend then answers anything still queued.
         for door in reversed(self.doors):

@@ -27,7 +27,6 @@ import collections
 import itertools
 import logging
 import math
-import os
 import shutil
 import threading
 import time
@@ -46,7 +45,7 @@ from wanwu.pipeline.serve.metrics import ServeMetrics
 from wanwu.pipeline.serve.stats import ServeStats
 from wanwu.pipeline.serve.supervisor import Supervisor
 from wanwu.pipeline.shm import SlotPool, reclaim_stale_segments
-from wanwu.pipeline.transport import Endpoints, make_job_dir, reclaim_stale_job_dirs
+from wanwu.pipeline.transport import Endpoints, Waker, make_job_dir, reclaim_stale_job_dirs
 from wanwu.pipeline.worker import WorkerSpec
 from wanwu.stages.models.base import get_model_spec
 
@@ -103,8 +102,7 @@ class PipelineBackend:
         self._pending: dict[str, _Item] = {}
         self._outbox: collections.deque[_Item] = collections.deque()
         self._requests = itertools.count()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
+        self._waker = Waker()  # submit threads wake the router thread's poll
         self._started = threading.Event()
         self._startup_failure = ""
         self._inference_ready = False
@@ -163,18 +161,14 @@ class PipelineBackend:
             left = list(self._pending.values())
         self._fail(left, StageError("the daemon shut down before this image was recognised"))
         self._stop_router.set()
-        self._wake()
+        self._waker.wake()
         if self._router is not None:
             self._router.join(STOP_TIMEOUT_S + 5)
         if self._pool is not None:
             self._pool.close()
         if self._job_dir:
             shutil.rmtree(self._job_dir, ignore_errors=True)
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._waker.close()
 
     # ---- Backend protocol --------------------------------------------------------------------------
 
@@ -227,7 +221,7 @@ class PipelineBackend:
             for item in items:
                 self._pending[item.key] = item
                 self._outbox.append(item)
-        self._wake()
+        self._waker.wake()
         if not request.done.wait(timeout_s):
             with self._lock:
                 request.cancelled = True
@@ -272,12 +266,6 @@ class PipelineBackend:
     def _fail(self, items: Sequence[_Item], exc: BaseException) -> None:
         self._deliver([error_record(item.key, item.request.source, self.spec.name, exc, item.t0) for item in items])
 
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):  # the pipe is full (a wake-up is pending anyway) or closed
-            pass
-
     # ---- the router thread -------------------------------------------------------------------------
 
     def _route(self) -> None:
@@ -293,13 +281,13 @@ class PipelineBackend:
             poller = zmq.Poller()
             for sock in (records, events):
                 poller.register(sock, zmq.POLLIN)
-            poller.register(self._wake_r, zmq.POLLIN)
+            poller.register(self._waker.fd, zmq.POLLIN)
             last_check = 0.0
             while not self._stop_router.is_set():
                 poller.register(work, zmq.POLLOUT if self._outbox else 0)
                 ready = dict(poller.poll(POLL_MS))
-                if ready.get(self._wake_r):
-                    os.read(self._wake_r, 4096)
+                if ready.get(self._waker.fd):
+                    self._waker.drain()
                 self._drain_records(records)
                 self._drain_events(events)
                 self._send_work(work)

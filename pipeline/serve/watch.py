@@ -25,8 +25,8 @@ from typing import Callable, Iterator
 from wanwu.errors import ConfigError, ReadError
 from wanwu.pipeline.records import error_record
 from wanwu.pipeline.serve.backend import Backend, ServeError
-from wanwu.stages.sources.base import IMAGE_EXTENSIONS
 from wanwu.stages.sources.files import key_text, read_file
+from wanwu.stages.sources.folder import walk_images
 
 logger = logging.getLogger(__name__)
 
@@ -155,29 +155,16 @@ class HotFolder:
         return written
 
     def _walk(self) -> Iterator[tuple[str, str]]:
-        """``(key, relative path)`` of every candidate file, sorted, without entering symlinked folders."""
-        stack = [""]
-        while stack:
-            rel_dir = stack.pop()
-            try:
-                with os.scandir(os.path.join(self._root, rel_dir)) as it:
-                    entries = sorted(it, key=lambda e: e.name, reverse=True)
-            except OSError as exc:  # vanished or unreadable: logged, the rest goes on
-                logger.warning("hot folder: cannot list %r: %s", os.path.join(self.folder, rel_dir), exc)
-                continue
-            files = []
-            for entry in entries:
-                name = entry.name
-                if name.startswith(".") or name.lower().endswith(PARTIAL_SUFFIXES):
-                    continue
-                rel = os.path.join(rel_dir, name)
-                if _is_real_dir(entry):
-                    if entry.path not in self._skip:
-                        stack.append(rel)
-                elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                    files.append(rel)
-            for rel in reversed(files):
-                yield key_text(rel.replace(os.sep, "/")), rel
+        """``(key, relative path)`` of every candidate file (see ``walk_images``)."""
+        def prune(entry: os.DirEntry[str]) -> bool:
+            name = entry.name
+            return name.startswith(".") or name.lower().endswith(PARTIAL_SUFFIXES) or entry.path in self._skip
+
+        try:
+            for rel in walk_images(self._root, prune):
+                yield key_text(rel), rel
+        except OSError as exc:  # the folder vanished or became unreadable: logged, the next poll tries again
+            logger.warning("hot folder: cannot list %r: %s", self.folder, exc)
 
     def _settled(self, key: str, rel: str, now: float) -> bool:
         """Whether the file stayed the same size and mtime for ``settle_s`` (first sighting: no)."""
@@ -291,11 +278,3 @@ def move_no_clobber(src: str, dest: str) -> str:
         os.unlink(src)
         return candidate
     raise AssertionError("unreachable")
-
-
-def _is_real_dir(entry: os.DirEntry[str]) -> bool:
-    """A folder that is not a symlink (symlinked folders could form loops)."""
-    try:
-        return entry.is_dir(follow_symlinks=False)
-    except OSError:
-        return False

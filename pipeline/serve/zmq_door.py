@@ -41,6 +41,7 @@ import zmq
 
 from wanwu.errors import ConfigError, TransportError
 from wanwu.pipeline.records import error_record
+from wanwu.pipeline.transport import Waker
 from wanwu.pipeline.serve.backend import Backend, ServeError
 from wanwu.pipeline.serve.curve import load_server_key, start_authenticator
 
@@ -117,8 +118,7 @@ class ZmqDoor:
         # Workers hand finished work to the I/O thread here and wake it through a pipe,
         # which zmq.Poller watches next to the sockets.
         self._finished: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake_lock = threading.Lock()
-        self._wake_r = self._wake_w = -1
+        self._waker: Waker | None = None
         self._requests_in_flight = self._stream_in_flight = 0  # touched by the I/O thread only
         self._stream_count = 0
         self._pending: list[dict] = []  # stream records waiting for on_records
@@ -161,9 +161,7 @@ class ZmqDoor:
                 ctx.term()
                 raise
             self._ctx = ctx
-            self._wake_r, self._wake_w = os.pipe()
-            os.set_blocking(self._wake_r, False)
-            os.set_blocking(self._wake_w, False)
+            self._waker = Waker()
             self._request_pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zmq-request")
             self._stream_pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zmq-stream")
             # Sockets move to the I/O thread here; starting a thread is the memory barrier ZeroMQ asks for.
@@ -187,10 +185,8 @@ class ZmqDoor:
         for pool in (self._request_pool, self._stream_pool):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
-        with self._wake_lock:
-            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
-        for fd in fds:
-            os.close(fd)
+        if self._waker is not None:
+            self._waker.close()  # a late worker's wake() is then a no-op
         if self._auth is not None:
             self._auth.stop()
         if self._ctx is not None:
@@ -217,7 +213,8 @@ class ZmqDoor:
 
     def _serve(self, router: zmq.Socket | None, pull: zmq.Socket | None) -> None:
         poller = zmq.Poller()
-        poller.register(self._wake_r, zmq.POLLIN)
+        assert self._waker is not None
+        poller.register(self._waker.fd, zmq.POLLIN)
         deadline = None
         try:
             while True:
@@ -237,8 +234,8 @@ class ZmqDoor:
                 if pull is not None:
                     poller.register(pull, zmq.POLLIN if self._accepting(self._stream_in_flight) else 0)
                 events = dict(poller.poll(_POLL_MS))
-                if self._wake_r in events:
-                    _drain_pipe(self._wake_r)
+                if self._waker.fd in events:
+                    self._waker.drain()
                 if router is not None and router in events:
                     self._read_requests(router)
                 if pull is not None and pull in events:
@@ -401,13 +398,8 @@ class ZmqDoor:
         self._wake()
 
     def _wake(self) -> None:
-        with self._wake_lock:  # never write to a descriptor number that was closed and reused
-            if self._wake_w < 0:
-                return
-            try:
-                os.write(self._wake_w, b"\0")
-            except BlockingIOError:  # the pipe is full: the I/O thread has plenty to wake it
-                pass
+        if self._waker is not None:
+            self._waker.wake()
 
 
 def _send(sock: zmq.Socket, frames: list[bytes]) -> None:
@@ -427,11 +419,3 @@ def _id_text(request_id: bytes) -> str:
 def _error_reply(request_id: bytes, exc: ServeError) -> bytes:
     doc = {"id": _id_text(request_id), "error": {"type": exc.reason, "message": str(exc)}}
     return json.dumps(doc, ensure_ascii=False).encode("utf-8")
-
-
-def _drain_pipe(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass

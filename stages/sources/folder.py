@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 from wanwu.errors import ConfigError
 from wanwu.stages.sources.base import IMAGE_EXTENSIONS, Source, SourceItem
@@ -37,30 +37,46 @@ class FolderSource(Source):
         """
         root = os.path.abspath(self.location)
         try:
-            top = _sorted_entries(root)
+            for rel in walk_images(root):
+                yield SourceItem(key=key_text(rel), source=self.location, locator=os.path.join(root, rel))
         except OSError as exc:
             raise ConfigError(f"expected a readable folder, got {self.location!r}: {exc}") from exc
-        # An explicit stack of iterators instead of recursion: deep trees cannot
-        # hit the recursion limit, and the walk stays lazy.
-        stack: list[tuple[str, Iterator[os.DirEntry[str]]]] = [("", iter(top))]
-        while stack:
-            prefix, entries = stack[-1]
-            entry = next(entries, None)
-            if entry is None:
-                stack.pop()
-                continue
-            rel = prefix + entry.name
-            if _is_real_dir(entry):
-                try:
-                    stack.append((rel + "/", iter(_sorted_entries(entry.path))))
-                except OSError as exc:
-                    logger.warning("skipping folder %r: %s", entry.path, exc)
-            elif _is_image(entry):
-                yield SourceItem(key=key_text(rel), source=self.location, locator=os.path.join(root, rel))
 
     def read(self, item: SourceItem) -> bytes:
         """The file's bytes. Raises ``ReadError`` if it is empty, vanished or unreadable."""
         return read_file(item.locator)
+
+
+def walk_images(root: str, prune: Callable[[os.DirEntry[str]], bool] | None = None) -> Iterator[str]:
+    """Paths (relative to ``root``, ``/``-separated) of the image files under ``root``, at any depth.
+
+    Depth-first; within each folder, entries in order of name (files and sub-folders
+    interleaved), so two walks of an unchanged tree agree. Symlinked folders are not
+    entered (no loops); sub-folders that cannot be listed are logged and skipped.
+    ``prune(entry)`` True leaves a file or folder out.
+
+    Raises:
+        OSError: ``root`` itself cannot be listed.
+    """
+    # An explicit stack of iterators instead of recursion: deep trees cannot
+    # hit the recursion limit, and the walk stays lazy.
+    stack: list[tuple[str, Iterator[os.DirEntry[str]]]] = [("", iter(_sorted_entries(root)))]
+    while stack:
+        prefix, entries = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+            continue
+        if prune is not None and prune(entry):
+            continue
+        rel = prefix + entry.name
+        if _is_real_dir(entry):
+            try:
+                stack.append((rel + "/", iter(_sorted_entries(entry.path))))
+            except OSError as exc:
+                logger.warning("skipping folder %r: %s", entry.path, exc)
+        elif _is_image(entry):
+            yield rel
 
 
 def _sorted_entries(path: str) -> list[os.DirEntry[str]]:
