@@ -14,8 +14,12 @@ from pathlib import Path
 
 def main(argv: list[str]) -> int:
     kind, args = argv[0], json.loads(argv[1])
-    paths = [Path(p) for p in args["paths"]]
-    if kind == "naive":
+    paths = [Path(p) for p in args.get("paths", ())]
+    if kind == "wanwu":
+        from wanwu.bench.gate import timed_run
+
+        result = timed_run(args["inputs"], args["out"], args["options"])
+    elif kind == "naive":
         from wanwu.bench.baselines import naive
 
         result = {"rate": naive(paths, args["model"], args["threads"])}

@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from wanwu.bench.corpus import build_corpus
+from wanwu.stages.models.photos import build_corpus
 
 CLIENT_PROCESSES = 4
 MODEL = "efficientnet_lite0"

@@ -49,13 +49,16 @@ def decode_rate(paths: Sequence[Path], processes: int, decoder: str = "auto",
 
 def inference_rate(n_images: int, batch_size: int = 32, engine: str = "auto", threads: int = 0,
                    model: str = "efficientnet_lite0", sample: Sequence[Path] = ()) -> tuple[float, str]:
-    """Images/s of the engine alone on ``n_images`` in batches; returns (rate, "engine precision").
+    """Images/s of the classifier stage alone on ``n_images`` in batches; returns (rate, "engine precision").
 
     The batches hold the decoded pixels of ``sample`` (cycled), not one batch again and
     again: with ``--precision auto`` the cost depends on how many images are near ties.
+    The classifier is timed as the inference process runs it: engine, top-k and records.
     """
+    from wanwu.records import Item
+    from wanwu.stages.classifier import Classifier
     from wanwu.stages.decoders.base import DecodeConfig, create_decoder
-    from wanwu.stages.engines.base import EngineConfig, create_engine
+    from wanwu.stages.engines.base import EngineConfig
     from wanwu.stages.models.base import get_model_spec
 
     spec = get_model_spec(model)
@@ -66,14 +69,15 @@ def inference_rate(n_images: int, batch_size: int = 32, engine: str = "auto", th
         decoder.decode_into(Path(path).read_bytes(), pixels[i])
     starts = range(0, len(pixels) - batch_size + 1, batch_size)
     batches = [np.ascontiguousarray(pixels[s:s + batch_size]) for s in starts]
-    eng = create_engine(engine, spec, EngineConfig(threads=threads, max_batch_size=batch_size))
-    eng.load()
-    eng.infer(batches[0])
+    items = [Item(f"{i}", "bench", 224, 224, 0.0) for i in range(batch_size)]
+    classifier = Classifier(spec, engine, EngineConfig(threads=threads, max_batch_size=batch_size))
+    classifier.load()
+    classifier.classify(batches[0], items)
     n_batches = max(1, -(-n_images // batch_size))
     t0 = time.perf_counter()
     for i in range(n_batches):
-        eng.infer(batches[i % len(batches)])
+        classifier.classify(batches[i % len(batches)], items)
     rate = n_batches * batch_size / (time.perf_counter() - t0)
-    label = f"{eng.name} {eng.precision}"
-    eng.shutdown()
+    label = f"{classifier.engine_name} {classifier.precision}"
+    classifier.shutdown()
     return rate, label

@@ -5,7 +5,7 @@ runs, in rounds (every row once per round; see ``_interleaved``); the table
 reports the median images/s and the peak resident memory of the row's whole
 process tree. Start-up (model load) is excluded everywhere: the
 baselines load their model before the clock starts, and wanwu's figure is its
-rate once its model is loaded (``--hold-until-ready``: no input is read before).
+rate once its model is loaded (``gate.py``: no input is read before).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from wanwu.bench.corpus import build_corpus
+from wanwu.stages.models.photos import build_corpus
 from wanwu.bench.proctree import PeakRss
 from wanwu.bench.stages import limit
 
@@ -77,20 +77,19 @@ def _measure(row: Row, kind: str, args: dict) -> Callable[[bool], None]:
     return step
 
 
-def _wanwu(row: Row, inputs: list[str], workdir: Path, extra: list[str] = ()) -> Callable[[bool], None]:
-    """One ``wanwu run`` per call (model load excluded: ``--hold-until-ready``); kept when called with True."""
-    stats_path = workdir / "stats.json"
+def _wanwu(row: Row, inputs: list[str], workdir: Path, options: dict | None = None) -> Callable[[bool], None]:
+    """One ``wanwu run`` per call, timed from the moment its model is loaded (``bench/gate.py``)."""
     firsts: list[float] = []
+    out = workdir / "results.jsonl"
+    cmd = [sys.executable, "-m", "wanwu.bench.measure", "wanwu",
+           json.dumps({"inputs": inputs, "out": str(out), "options": options or {}})]
 
     def step(keep: bool) -> None:
-        out = workdir / "results.jsonl"
         out.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "wanwu", "run", *inputs, "--out", str(out), "--progress", "none",
-               "--stats-json", str(stats_path), "--hold-until-ready", *extra]
-        _, peak = _timed(cmd)
-        stats = json.loads(stats_path.read_text())
+        stdout, peak = _timed(cmd)
+        stats = json.loads(stdout.strip().splitlines()[-1])
         if keep:
-            row.rates.append(stats["steady_images_per_s"])
+            row.rates.append(stats["rate"])
             row.peak_rss_bytes = max(row.peak_rss_bytes, peak)
             firsts.append(stats["first_record_s"])
             row.extra.update(wall_images_per_s=stats["images_per_s"], busy=stats["busy"],
@@ -126,7 +125,7 @@ def _symlink_corpus(paths: list[Path], folder: Path, n: int) -> Path:
 def run_suite(cfg: BenchConfig) -> dict:
     """Measure every row; returns the report as a dict (see ``report.py``)."""
     from wanwu.pipeline.config import cpu_count
-    from wanwu.pipeline.pack import pack
+    from wanwu.pipeline.pack.pack import pack
 
     workdir = Path(cfg.workdir or Path(tempfile.gettempdir()) / "wanwu-bench")
     workdir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_wanwu
-from wanwu.bench.corpus import build_corpus, corpus_sizes
+from wanwu.stages.models.photos import build_corpus, corpus_sizes
 from wanwu.bench.stages import limit
 
 

@@ -275,10 +275,10 @@ def test_statistics(client, images):
 
 def test_inprocess_backend_records(backend, images):
     records = backend.submit([images["chelsea"], b"", images["coffee"]], source="test")
-    assert [r["key"] for r in records][:1][0].startswith("test-")
-    assert len({r["key"] for r in records}) == 3
+    assert [r.key for r in records][:1][0].startswith("test-")
+    assert len({r.key for r in records}) == 3
     cat, empty, coffee = records
-    assert set(cat) == {"key", "source", "width", "height", "labels", "model", "elapsed_ms", "error"}
-    assert (cat["width"], cat["height"], cat["error"]) == (451, 300, None)
-    assert cat["labels"][0]["class_id"] in CAT_CLASSES and coffee["labels"][0]["class_id"] in COFFEE_CLASSES
-    assert empty["labels"] == [] and empty["error"]["type"] == "DecodeError"
+    assert list(cat.to_dict()) == ["key", "source", "width", "height", "labels", "model", "elapsed_ms", "error"]
+    assert (cat.width, cat.height, cat.error) == (451, 300, None)
+    assert cat.labels[0]["class_id"] in CAT_CLASSES and coffee.labels[0]["class_id"] in COFFEE_CLASSES
+    assert empty.labels == [] and empty.error["type"] == "DecodeError"

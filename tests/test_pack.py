@@ -14,8 +14,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from wanwu.errors import ConfigError, ReadError
-from wanwu.pipeline.pack import PackStats, pack
-from wanwu.pipeline.pool import bounded_map
+from wanwu.pipeline.pack.pack import PackStats, pack
+from wanwu.pipeline.pack.pool import bounded_map
 from wanwu.stages.sources.base import Source, open_source, source_kind
 from wanwu.stages.sources.lmdb import LmdbSource
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_corpus, run_wanwu, wanwu_cmd
-from wanwu.pipeline.shm import shm_dir
+from wanwu.pipeline.topology.shm import shm_dir
 from wanwu.stages.sinks.base import read_records
 
 pytestmark = pytest.mark.slow
@@ -81,8 +81,8 @@ def test_stages_run_as_separate_processes(corpus, tmp_path):
     out = tmp_path / "r.jsonl"
     proc = start(folder, out, "--decoders", "2")
     wait_for_records(proc, out, 8)
-    roles = Counter(cmd.split("wanwu.pipeline.worker", 1)[1].split()[0]
-                    for cmd in children_of(proc.pid).values() if "wanwu.pipeline.worker" in cmd)
+    roles = Counter(cmd.split("wanwu.pipeline.workers", 1)[1].split()[0]
+                    for cmd in children_of(proc.pid).values() if "wanwu.pipeline.workers" in cmd)
     proc.communicate(timeout=300)
     assert roles == {"loader": 1, "decoder": 2, "inference": 1, "sink": 1}
     assert proc.returncode == 0

@@ -69,7 +69,7 @@ class Served:
             except OSError:
                 continue
             ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == self.proc.pid and b"wanwu.pipeline.worker" in cmd and role.encode() in cmd:
+            if ppid == self.proc.pid and b"wanwu.pipeline.workers" in cmd and role.encode() in cmd:
                 pids.append(int(entry.name))
         return pids
 
@@ -268,8 +268,8 @@ def backend():
 
 def test_queue_full_and_timeout_are_explicit(backend, images):
     records = backend.submit([images["chelsea"], b"junk"], source="test")
-    assert records[0]["labels"][0]["class_id"] in CAT_CLASSES and records[0]["error"] is None
-    assert records[1]["error"]["type"] == "DecodeError" and records[1]["labels"] == []
+    assert records[0].labels[0]["class_id"] in CAT_CLASSES and records[0].error is None
+    assert records[1].error["type"] == "DecodeError" and records[1].labels == []
     with pytest.raises(ServeError) as info:
         backend.submit([images["chelsea"]] * 5)
     assert info.value.reason == "too_large"
@@ -292,7 +292,7 @@ def test_queue_full_and_timeout_are_explicit(backend, images):
             filler.join()
     else:
         pytest.fail("never saw a full queue")
-    assert backend.submit([images["coffee"]])[0]["labels"][0]["class_id"] in COFFEE_CLASSES  # still serving
+    assert backend.submit([images["coffee"]])[0].labels[0]["class_id"] in COFFEE_CLASSES  # still serving
     assert backend.ready()
 
 
@@ -311,8 +311,7 @@ def test_config_file_and_flags(tmp_path):
     path.write_text('[http]\nhttp_port = 9100\ntoken = "s3cret"\n[batching]\nmax_batch_size = 16\n'
                     'preferred_batch_sizes = [8, 16]\n')
     cfg = ServeConfig.from_toml(str(path), http_port=9200)
-    assert (cfg.http_port, cfg.token, cfg.max_batch_size, cfg.preferred_batch_sizes) == (9200, "s3cret", 16, (8, 16))
-    assert cfg.job().batch_size == 16 and cfg.job().restartable
+    assert (cfg.http_port, cfg.token, cfg.batch_size, cfg.preferred_batch_sizes) == (9200, "s3cret", 16, (8, 16))
     path.write_text("max_batch = 16\n")
     with pytest.raises(ConfigError, match="max_batch"):
         ServeConfig.from_toml(str(path))
@@ -320,9 +319,11 @@ def test_config_file_and_flags(tmp_path):
         ServeConfig(watch=str(tmp_path))
     result = subprocess.run(wanwu_cmd("serve", "--config", str(path)), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "max_batch" in result.stderr
-    result = subprocess.run(wanwu_cmd("serve", "--print-config", "--http-port", "9300"), capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(wanwu_cmd("serve", "--print-config", "--http-port", "9300", "--crop", "192",
+                                      "--mean", "0.4", "0.5", "0.6"), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "http_port = 9300" in result.stdout
+    # The stage settings are the batch job's, model overrides included.
+    assert "crop = 192" in result.stdout and "mean = [0.4, 0.5, 0.6]" in result.stdout
 
 
 def test_hot_folder_once_each_across_restart(tmp_path, photos):

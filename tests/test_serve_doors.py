@@ -24,6 +24,7 @@ from wanwu.pipeline.serve.backend import ServeError
 from wanwu.pipeline.serve.watch import HotFolder
 from wanwu.pipeline.serve.curve import make_curve_keys
 from wanwu.pipeline.serve.zmq_door import ZmqDoor
+from wanwu.records import Record
 from wanwu.stages.models.base import get_model_spec
 
 MODEL = "efficientnet_lite0"
@@ -43,9 +44,9 @@ class Collector:
         self.records: list[dict] = []
         self._cond = threading.Condition()
 
-    def __call__(self, records: list[dict]) -> None:
+    def __call__(self, records: list) -> None:
         with self._cond:
-            self.records.extend(records)
+            self.records.extend(r.to_dict() for r in records)  # the fields a sink stores
             self._cond.notify_all()
 
     def wait_for(self, n: int, timeout_s: float = 30.0) -> list[dict]:
@@ -64,12 +65,12 @@ class FlakyBackend:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def submit(self, images, timeout_s=None, source=""):
+    def submit(self, images, timeout_s=None, source="", keys=None):
         with self._lock:
             fail, self.failures = self.failures > 0, max(0, self.failures - 1)
         if fail:
             raise ServeError(self.reason, "test: the queue is full")
-        return self.inner.submit(images, timeout_s, source)
+        return self.inner.submit(images, timeout_s, source, keys)
 
 
 class SlowBackend:
@@ -83,7 +84,7 @@ class SlowBackend:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def submit(self, images, timeout_s=None, source=""):
+    def submit(self, images, timeout_s=None, source="", keys=None):
         with self._lock:
             self.in_flight += 1
             self.started += 1
@@ -91,7 +92,8 @@ class SlowBackend:
         time.sleep(self.delay_s)
         with self._lock:
             self.in_flight -= 1
-        return [{"key": f"slow-{i}", "labels": [], "error": None} for i in range(len(images))]
+        keys = keys or [f"slow-{i}" for i in range(len(images))]
+        return [Record(key, source, None, None, [], "slow", 0.0) for key in keys]
 
 
 @pytest.fixture

@@ -18,6 +18,13 @@ class ConfigError(WanwuError, ValueError):
     """A configuration value or command-line option is invalid."""
 
 
+class PlanError(ConfigError):
+    """Two chained stages disagree on what passes between them (shape, dtype, layout or device).
+
+    Raised while planning, before any process starts; the message names both stages.
+    """
+
+
 class InputError(WanwuError):
     """One input is bad. The pipeline turns it into an error record and goes on."""
 
@@ -55,5 +62,10 @@ class TransportError(WanwuError):
 
 
 def error_dict(exc: BaseException) -> dict[str, str]:
-    """The ``error`` field of a record for ``exc``: ``{"type", "message"}``."""
-    return {"type": type(exc).__name__, "message": str(exc) or type(exc).__name__}
+    """The ``error`` field of a record for ``exc``: ``{"type", "message"}``.
+
+    ``type`` is the exception's ``record_type`` when it has one (a serving error names
+    its reason, e.g. ``queue_full``), else its class name.
+    """
+    kind = getattr(exc, "record_type", None) or type(exc).__name__
+    return {"type": kind, "message": str(exc) or type(exc).__name__}

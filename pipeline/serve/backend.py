@@ -1,11 +1,8 @@
 """What every front door (HTTP, ZeroMQ, hot folder) talks to.
 
 A front door turns requests into lists of encoded images and hands them to a
-``Backend``; the backend answers with one record per image, in order. Records
-are the dicts the sinks write (see ``wanwu.stages.sinks.base``): ``key``,
-``source``, ``width``, ``height``, ``labels`` (list of ``{"label", "label_en",
-"class_id", "score"}``, best first), ``model``, ``elapsed_ms``, ``error``
-(``None`` or ``{"type", "message"}``).
+``Backend``; the backend answers with one ``wanwu.records.Record`` per image, in
+order, built with the keys and source the door gave: doors never rewrite records.
 
 Errors about one image (not an image, too many pixels) come back as that
 image's record with ``error`` set; errors about the request as a whole raise
@@ -18,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 from wanwu.errors import WanwuError
+from wanwu.records import Record
 
 
 class ServeError(WanwuError):
@@ -34,6 +32,11 @@ class ServeError(WanwuError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+    @property
+    def record_type(self) -> str:
+        """An image's error record names the reason (``queue_full``, ...), not this class."""
+        return self.reason
 
     @property
     def http_status(self) -> int:
@@ -68,16 +71,19 @@ class Backend(Protocol):
     def ready(self) -> bool:
         """Model loaded and warmed up, and not draining."""
 
-    def submit(self, images: Sequence[bytes], timeout_s: float | None = None, source: str = "") -> list[dict]:
+    def submit(self, images: Sequence[bytes], timeout_s: float | None = None, source: str = "",
+               keys: Sequence[str] | None = None) -> list[Record]:
         """Recognise ``images``; block until every one has a record (or raise ``ServeError``).
 
         Args:
             images: encoded images (JPEG, PNG, ...), at most ``info().max_images_per_request``.
             timeout_s: give up after this long (``ServeError("timeout")``); None = the server default.
             source: the front door, for records and metrics ("http", "zmq", ...).
+            keys: the records' keys, one per image (a file's name, a stream's name); None gives
+                request-unique ids ``"{source}-{request}-{i}"``.
 
         Returns:
-            One record per image, in order; ``key`` is a request-unique id.
+            One record per image, in order.
         """
 
     def stats(self) -> dict:

@@ -10,34 +10,27 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from wanwu.errors import ConfigError
-from wanwu.pipeline.config import JobConfig, default_decoders
-from wanwu.stages.decoders.base import DEFAULT_MAX_PIXELS
+from wanwu.pipeline.config import PipelineConfig
+
+# TOML names kept from before the settings were shared with `wanwu run` (Triton's name).
+_ALIASES = {"max_batch_size": "batch_size"}
 
 
-@dataclass(frozen=True)
-class ServeConfig:
-    """Everything ``wanwu serve`` needs. Every front door is optional; at least one must be on."""
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig(PipelineConfig):
+    """Everything ``wanwu serve`` needs: the shared settings, the doors and their limits.
 
-    # The model and the stages, as for `wanwu run`.
-    model: str = "efficientnet_lite0"
-    weights: str = ""
-    labels: str = ""
-    engine: str = "auto"
-    decoder: str = "auto"
-    decoders: int = field(default_factory=default_decoders)
-    precision: str = "auto"
-    threads: int = 0
-    device: str = "cpu"
-    top_k: int = 5
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    # Dynamic batching, as Triton's dynamic batcher.
-    max_batch_size: int = 32
+    Every front door is optional; at least one must be on. Batching: ``batch_size`` is
+    Triton's ``max_batch_size``; ``max_queue_delay_ms`` is how long the oldest waiting
+    image waits for company; a request alone runs as soon as its images are decoded.
+    """
+
     max_queue_delay_ms: float = 5.0  # the oldest waiting image runs within this long
-    preferred_batch_sizes: tuple[int, ...] = ()
+    max_wait_ms: float = 2.0  # a lone request runs once no image has arrived for this long
     max_queue_size: int = 1024  # images accepted and not yet answered; more is "queue full"
     timeout_s: float = 30.0  # per request, unless the request says less
     max_images_per_request: int = 64
@@ -60,9 +53,8 @@ class ServeConfig:
     drain_timeout_s: float = 20.0  # on SIGTERM: finish what is in flight within this long
 
     def __post_init__(self) -> None:
-        positive = {"decoders": self.decoders, "top_k": self.top_k, "max_pixels": self.max_pixels,
-                    "max_batch_size": self.max_batch_size, "max_queue_size": self.max_queue_size,
-                    "max_images_per_request": self.max_images_per_request,
+        super().__post_init__()
+        positive = {"max_queue_size": self.max_queue_size, "max_images_per_request": self.max_images_per_request,
                     "max_request_bytes": self.max_request_bytes}
         for name, value in positive.items():
             if value <= 0:
@@ -79,19 +71,6 @@ class ServeConfig:
             raise ConfigError("the stream and hot-folder doors write records: expected `out` (.jsonl or .sqlite)")
         if self.curve_clients and not self.curve_secret_key:
             raise ConfigError("curve_clients needs curve_secret_key (the server's certificate)")
-
-    def job(self) -> JobConfig:
-        """The worker processes' configuration: a restartable job with no inputs of its own."""
-        return JobConfig(
-            inputs=(), out=self.out, model=self.model, weights=self.weights, labels=self.labels,
-            engine=self.engine, decoder=self.decoder, decoders=self.decoders, batch_size=self.max_batch_size,
-            top_k=self.top_k, max_pixels=self.max_pixels, device=self.device, precision=self.precision,
-            threads=self.threads,
-            # A request alone runs as soon as its images are decoded (idle flush), and under load a
-            # batch waits for company at most max_queue_delay_ms.
-            max_wait_ms=min(2.0, self.max_queue_delay_ms), max_queue_delay_ms=self.max_queue_delay_ms,
-            preferred_batch_sizes=self.preferred_batch_sizes, restartable=True, progress="none",
-        )
 
     @classmethod
     def from_toml(cls, path: str, **overrides: Any) -> "ServeConfig":
@@ -117,14 +96,19 @@ class ServeConfig:
     def build(cls, values: dict[str, Any]) -> "ServeConfig":
         """A config from a dict of field values, checking names and types."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {_ALIASES.get(name, name): value for name, value in values.items()}
         unknown = sorted(set(values) - set(fields))
         if unknown:
             raise ConfigError(f"unknown serve settings {unknown}; expected some of {sorted(fields)}")
         clean: dict[str, Any] = {}
         for name, value in values.items():
-            default = cls.__dataclass_fields__[name].default
-            if name == "preferred_batch_sizes":
-                value = tuple(int(v) for v in value)
+            default = fields[name].default
+            if name in ("preferred_batch_sizes", "mean", "std"):
+                kind = int if name == "preferred_batch_sizes" else float
+                try:
+                    value = tuple(kind(v) for v in value)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{name} must be a list of numbers, got {value!r}") from None
             elif isinstance(default, bool):
                 if not isinstance(value, bool):
                     raise ConfigError(f"{name} must be true or false, got {value!r}")

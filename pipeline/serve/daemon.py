@@ -19,6 +19,7 @@ import threading
 from typing import Iterable
 
 from wanwu.pipeline.serve.config import ServeConfig
+from wanwu.records import Record
 from wanwu.pipeline.serve.dispatch import PipelineBackend
 from wanwu.pipeline.serve.metrics import ServeMetrics
 from wanwu.stages.sinks.base import Sink, create_sink
@@ -34,7 +35,7 @@ class SinkWriter:
         self.done_keys = self.sink.open()  # the ledger: keys a previous run already wrote
         self._lock = threading.Lock()
 
-    def write(self, records: Iterable[dict]) -> None:
+    def write(self, records: Iterable[Record]) -> None:
         records = list(records)
         if records:
             with self._lock:
@@ -104,22 +105,30 @@ class Daemon:
             assert self.sink is not None  # ServeConfig requires `out` with `watch`
             hot = HotFolder(self.backend, cfg.watch, on_records=self.sink.write, done_keys=self.sink.done_keys,
                             done_dir=cfg.watch_done or None, failed_dir=cfg.watch_failed or None,
-                            settle_s=cfg.watch_settle_s, batch=cfg.max_batch_size, timeout_s=cfg.timeout_s)
+                            settle_s=cfg.watch_settle_s, batch=cfg.batch_size, timeout_s=cfg.timeout_s)
             hot.start()
             self.addresses["watch"] = cfg.watch
             self.doors.append(hot)
 
     def serve_forever(self) -> int:
-        """Block until SIGTERM/SIGINT (or ``stop()``), then shut down; return the exit status (0)."""
+        """Block until SIGTERM/SIGINT (or ``stop()``), then shut down; return the exit status.
+
+        0 after a signal or ``stop()``; 1 when the workers could not be kept running (so a
+        service manager restarts the daemon rather than leave it up but dead).
+        """
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        status = 0
         try:
             while not self._stopped.wait(0.5):
-                pass
+                if self.backend.failure:
+                    logger.error("the workers cannot be kept running: %s; exiting", self.backend.failure)
+                    status = 1
+                    break
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.shutdown()
-        return 0
+        return status
 
     def stop(self) -> None:
         """Ask ``serve_forever`` to return (thread-safe)."""

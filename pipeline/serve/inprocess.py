@@ -1,4 +1,4 @@
-"""A ``Backend`` that runs the real stages in the calling process: decoder, engine, top-k.
+"""A ``Backend`` that runs the real stages in the calling process: a decoder and the classifier.
 
 It is the simple way to serve: no child processes, no shared memory, one engine
 behind a lock. Request threads decode their own images concurrently (decoding
@@ -19,12 +19,12 @@ from typing import Sequence
 import numpy as np
 
 from wanwu.errors import ConfigError, InputError, StageError
-from wanwu.kernels.topk import softmax_topk
-from wanwu.pipeline.records import ImageItem, error_record, result_records
+from wanwu.records import Item, Record
 from wanwu.pipeline.serve.backend import ModelInfo, ServeError
 from wanwu.pipeline.serve.stats import ServeStats
+from wanwu.stages.classifier import Classifier
 from wanwu.stages.decoders.base import DEFAULT_MAX_PIXELS, DecodeConfig, create_decoder
-from wanwu.stages.engines.base import EngineConfig, create_engine
+from wanwu.stages.engines.base import EngineConfig
 from wanwu.stages.models.base import get_model_spec
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ class InProcessBackend:
     ``ready()`` is False until ``start()`` has loaded and warmed up the engine,
     and again after ``shutdown()``. Images that cannot be decoded (any
     ``InputError``) get error records; the others are recognised in engine
-    batches of at most ``max_batch_size``. Keys are ``"{source}-{request}-{i}"``.
+    batches of at most ``max_batch_size``. Keys are the ones given, else
+    ``"{source}-{request}-{i}"``.
     """
 
     def __init__(
@@ -54,16 +55,13 @@ class InProcessBackend:
                               f"default_timeout_s > 0, got {top_k}, {max_batch_size}, {max_images_per_request}, "
                               f"{default_timeout_s}")
         self.spec = get_model_spec(model)  # light: imports no framework
-        labels = self.spec.labels()
-        self._zh, self._en = labels.zh, labels.en
-        self._engine_name = engine
-        self._top_k = min(top_k, self.spec.num_classes)
+        self._classifier = Classifier(self.spec, engine, EngineConfig(max_batch_size=max_batch_size), top_k)
+        self._top_k = self._classifier.top_k
         self._max_batch = max_batch_size
         self._max_images = max_images_per_request
         self._default_timeout_s = default_timeout_s
         self._decoder = create_decoder("turbo", DecodeConfig(self.spec.preprocess, max_pixels))
-        self._engine = None
-        self._engine_lock = threading.Lock()  # engines run one batch at a time
+        self._engine_lock = threading.Lock()  # the classifier runs one batch at a time
         self._state_lock = threading.Lock()
         self._ready = False
         self._closed = False
@@ -79,17 +77,14 @@ class InProcessBackend:
         with self._state_lock:
             if self._ready or self._closed:
                 return
-            cfg = EngineConfig(max_batch_size=self._max_batch)
-            engine = create_engine(self._engine_name, self.spec, cfg)
-            engine.load()  # compiles (or reads the cache) and runs one warm-up batch
-            self._engine = engine
+            self._classifier.load()  # compiles (or reads the cache) and runs one warm-up batch
             self._ready = True
-            logger.info("in-process backend ready: %s on %s (%s)", self.spec.name, engine.name, engine.precision)
+            logger.info("in-process backend ready: %s (%s)", self._classifier.describe(), self._classifier.precision)
 
     def info(self) -> ModelInfo:
-        extra = {"decoder": self._decoder.name}
-        if self._engine is not None:
-            extra.update(engine=self._engine.name, precision=self._engine.precision)
+        extra = {"decoder": self._decoder.name, "engine": self._classifier.engine_name}
+        if self._ready:
+            extra.update(precision=self._classifier.precision)
         return ModelInfo(name=self.spec.name, num_classes=self.spec.num_classes, top_k=self._top_k,
                          max_batch_size=self._max_batch, max_queue_delay_ms=0.0,
                          max_images_per_request=self._max_images, extra=extra)
@@ -103,11 +98,13 @@ class InProcessBackend:
     def stats(self) -> dict:
         return self._stats.snapshot()
 
-    def submit(self, images: Sequence[bytes], timeout_s: float | None = None, source: str = "") -> list[dict]:
+    def submit(self, images: Sequence[bytes], timeout_s: float | None = None, source: str = "",
+               keys: Sequence[str] | None = None) -> list[Record]:
         """Recognise ``images``; see ``Backend.submit``.
 
         Raises:
-            ServeError: ``not_ready``, ``bad_request`` (no images), ``too_large`` (more than
+            ServeError: ``not_ready``, ``bad_request`` (no images, or keys that do not match
+                them), ``too_large`` (more than
                 ``max_images_per_request``), ``timeout`` (the engine stayed busy too long)
                 or ``internal`` (the engine failed).
         """
@@ -118,33 +115,37 @@ class InProcessBackend:
             raise ServeError("bad_request", "expected at least one image, got none")
         if n > self._max_images:
             raise ServeError("too_large", f"expected at most {self._max_images} images per request, got {n}")
+        if keys is not None and len(keys) != n:
+            raise ServeError("bad_request", f"expected one key per image ({n}), got {len(keys)}")
         t0, start_ns = time.time(), time.perf_counter_ns()
         timeout_s = self._default_timeout_s if timeout_s is None else timeout_s
         deadline_ns = start_ns + int(timeout_s * 1e9)
-        prefix = f"{source or 'request'}-{next(self._requests)}"
+        if keys is None:
+            prefix = f"{source or 'request'}-{next(self._requests)}"
+            keys = [f"{prefix}-{i}" for i in range(n)]
         phases = dict.fromkeys(("queue", "compute_input", "compute_infer", "compute_output"), 0)
         try:
-            records = self._run(images, prefix, source, t0, deadline_ns, phases)
+            records = self._run(images, keys, source, t0, deadline_ns, phases)
         except ServeError:
             self._stats.add_request(False, time.perf_counter_ns() - start_ns, phases)
             raise
-        ok = all(r["error"] is None for r in records)
+        ok = all(r.error is None for r in records)
         self._stats.add_request(ok, time.perf_counter_ns() - start_ns, phases)
         return records
 
-    def _run(self, images: Sequence[bytes], prefix: str, source: str, t0: float, deadline_ns: int,
-             phases: dict[str, int]) -> list[dict]:
+    def _run(self, images: Sequence[bytes], keys: Sequence[str], source: str, t0: float, deadline_ns: int,
+             phases: dict[str, int]) -> list[Record]:
         tick = time.perf_counter_ns()
         pixels = np.empty((len(images), *self._decoder.output_spec().shape), np.uint8)
         decoded = self._decoder.decode_batch_into(images, list(pixels))
         phases["compute_input"] += time.perf_counter_ns() - tick
-        records: list[dict | None] = [None] * len(images)
+        records: list[Record | None] = [None] * len(images)
         good = []
-        for i, info in enumerate(decoded):
+        for i, (key, info) in enumerate(zip(keys, decoded)):
             if isinstance(info, InputError):
-                records[i] = error_record(f"{prefix}-{i}", source, self.spec.name, info, t0)
+                records[i] = Record.failure(key, source, self.spec.name, info, t0)
             else:
-                good.append((i, ImageItem(f"{prefix}-{i}", source, info.width, info.height, t0)))
+                good.append((i, Item(key, source, info.width, info.height, t0)))
         for begin in range(0, len(good), self._max_batch):
             chunk = good[begin:begin + self._max_batch]
             tick = time.perf_counter_ns()
@@ -152,37 +153,32 @@ class InProcessBackend:
             gather_ns = time.perf_counter_ns() - tick
             phases["compute_input"] += gather_ns
             items = [item for _, item in chunk]
-            for (i, _), record in zip(chunk, self._infer(batch, items, gather_ns, deadline_ns, phases)):
+            for (i, _), record in zip(chunk, self._classify(batch, items, gather_ns, deadline_ns, phases)):
                 records[i] = record
         return records  # type: ignore[return-value]
 
-    def _infer(self, batch: np.ndarray, items: list[ImageItem], gather_ns: int, deadline_ns: int,
-               phases: dict[str, int]) -> list[dict]:
-        """Run one engine batch under the lock, waiting at most until the deadline."""
+    def _classify(self, batch: np.ndarray, items: list[Item], gather_ns: int, deadline_ns: int,
+                  phases: dict[str, int]) -> list[Record]:
+        """Run one classifier batch under the lock, waiting at most until the deadline."""
         tick = time.perf_counter_ns()
         wait_s = (deadline_ns - tick) / 1e9
         if wait_s <= 0 or not self._engine_lock.acquire(timeout=wait_s):
             raise ServeError("timeout", "the engine stayed busy past the request's timeout")
         try:
             queued = time.perf_counter_ns()
-            if self._engine is None or not self._ready:
+            if not self._ready:
                 raise ServeError("not_ready", f"model {self.spec.name!r} was shut down")
             try:
-                logits = self._engine.infer(batch)
+                records = self._classifier.classify(batch, items)
             except StageError as exc:
-                logger.exception("engine failed on a batch of %d", len(items))
+                logger.exception("classifier failed on a batch of %d", len(items))
                 raise ServeError("internal", f"inference failed: {type(exc).__name__}: {exc}") from exc
         finally:
             self._engine_lock.release()
-        inferred = time.perf_counter_ns()
-        scores, class_ids = softmax_topk(logits, self._top_k)
-        records = result_records(items, scores, class_ids, self._zh, self._en, self.spec.name)
         done = time.perf_counter_ns()
         phases["queue"] += queued - tick
-        phases["compute_infer"] += inferred - queued
-        phases["compute_output"] += done - inferred
-        self._stats.add_execution(len(items), {"compute_input": gather_ns, "compute_infer": inferred - queued,
-                                               "compute_output": done - inferred})
+        phases["compute_infer"] += done - queued  # engine, top-k and records: one stage
+        self._stats.add_execution(len(items), {"compute_input": gather_ns, "compute_infer": done - queued})
         return records
 
     def shutdown(self) -> None:
@@ -193,7 +189,5 @@ class InProcessBackend:
             self._closed = True
             self._ready = False
         with self._engine_lock:  # let a running batch finish before its engine goes
-            if self._engine is not None:
-                self._engine.shutdown()
-                self._engine = None
+            self._classifier.shutdown()
         self._decoder.shutdown()

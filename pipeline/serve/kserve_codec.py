@@ -39,6 +39,7 @@ import numpy as np
 
 from wanwu.errors import WanwuError
 from wanwu.pipeline.serve.backend import ModelInfo
+from wanwu.records import Record
 
 logger = logging.getLogger(__name__)
 
@@ -185,21 +186,21 @@ def serialize_bytes(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in items)
 
 
-def check_records(records: list[dict]) -> None:
+def check_records(records: list[Record]) -> None:
     """Fail the whole request when an image could not be recognised, naming each bad image.
 
     Raises:
         RequestError: 400 ``"image 2 of 3: DecodeError: ..."``, as Triton fails a request with a bad input.
     """
-    bad = [(i, r["error"]) for i, r in enumerate(records) if r.get("error")]
+    bad = [(i, r.error) for i, r in enumerate(records) if r.error]
     if bad:
         detail = "; ".join(f"image {i} of {len(records)}: {e.get('type')}: {e.get('message')}" for i, e in bad)
         raise _bad(detail)
 
 
-def encode_infer_response(info: ModelInfo, request: InferRequest, records: list[dict]) -> tuple[bytes, int | None]:
+def encode_infer_response(info: ModelInfo, request: InferRequest, records: list[Record]) -> tuple[bytes, int | None]:
     """The response body and, when some output is binary, the length of its JSON header."""
-    k = min(len(r["labels"]) for r in records)
+    k = min(len(r.labels) for r in records)
     doc: dict[str, Any] = {"model_name": info.name, "model_version": info.version, "outputs": []}
     if request.id is not None:
         doc["id"] = request.id
@@ -218,9 +219,9 @@ def encode_infer_response(info: ModelInfo, request: InferRequest, records: list[
     return (header + b"".join(blobs), len(header)) if blobs else (header, None)
 
 
-def _output_values(out: RequestedOutput, records: list[dict], k: int) -> tuple[str, list[int], list]:
+def _output_values(out: RequestedOutput, records: list[Record], k: int) -> tuple[str, list[int], list]:
     """Datatype, shape and flat row-major values of one output."""
-    rows = [r["labels"][:k] for r in records]
+    rows = [r.labels[:k] for r in records]
     if out.classification:
         count = min(out.classification, k)
         values = [f"{d['score']:f}:{d['class_id']}:{d['label']}".encode("utf-8") for row in rows for d in row[:count]]

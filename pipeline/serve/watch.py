@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from wanwu.errors import ConfigError, ReadError
-from wanwu.pipeline.records import error_record
+from wanwu.records import Record
 from wanwu.pipeline.serve.backend import Backend, ServeError
 from wanwu.stages.sources.files import key_text, read_file
 from wanwu.stages.sources.folder import walk_images
@@ -68,7 +68,7 @@ class HotFolder:
         timeout_s: passed to ``backend.submit``; None = the backend's default.
     """
 
-    def __init__(self, backend: Backend, folder: str, *, on_records: Callable[[list[dict]], None],
+    def __init__(self, backend: Backend, folder: str, *, on_records: Callable[[list[Record]], None],
                  done_keys: set[str] | frozenset[str] = frozenset(), done_dir: str | None = None,
                  failed_dir: str | None = None, settle_s: float = 0.5, poll_s: float = 0.2, batch: int = 16,
                  timeout_s: float | None = None) -> None:
@@ -185,24 +185,25 @@ class HotFolder:
         """Recognise, write and move one batch. False: put off (nothing written, files stay)."""
         t0 = time.time()
         rels = [self._watching[key].rel for key in keys]
-        records: list[dict | None] = [None] * len(keys)
+        records: list[Record | None] = [None] * len(keys)
         images, slots = [], []
         for i, (key, rel) in enumerate(zip(keys, rels)):
             try:
                 images.append(read_file(os.path.join(self._root, rel)))
                 slots.append(i)
             except ReadError as exc:  # vanished, unreadable, empty
-                records[i] = error_record(key, "watch", self.backend.info().name, exc, t0)
+                records[i] = Record.failure(key, "watch", self.backend.info().name, exc, t0)
         if images:
             try:
-                results = self.backend.submit(images, timeout_s=self.timeout_s, source="watch")
+                results = self.backend.submit(images, timeout_s=self.timeout_s, source="watch",
+                                              keys=[keys[i] for i in slots])
             except Exception as exc:
                 return self._put_off(len(keys), exc)
             if len(results) != len(images):
                 return self._put_off(len(keys), ServeError("internal", f"expected {len(images)} records from the "
                                                                        f"backend, got {len(results)}"))
             for i, record in zip(slots, results):
-                records[i] = {**record, "key": keys[i], "source": "watch"}
+                records[i] = record
         try:
             self.on_records(records)  # type: ignore[arg-type]
         except Exception as exc:
@@ -212,7 +213,7 @@ class HotFolder:
             assert record is not None
             self._done.add(key)
             del self._watching[key]
-            failed = record["error"] is not None
+            failed = record.error is not None
             self._counts["failed" if failed else "done"] += 1
             self._move(key, rel, self.failed_dir if failed else self.done_dir)
         return True

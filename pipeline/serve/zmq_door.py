@@ -40,8 +40,8 @@ from typing import Callable, Sequence
 import zmq
 
 from wanwu.errors import ConfigError, TransportError
-from wanwu.pipeline.records import error_record
-from wanwu.pipeline.transport import Waker
+from wanwu.records import Record
+from wanwu.pipeline.topology.transport import Waker
 from wanwu.pipeline.serve.backend import Backend, ServeError
 from wanwu.pipeline.serve.curve import load_server_key, start_authenticator
 
@@ -82,7 +82,7 @@ class ZmqDoor:
     """
 
     def __init__(self, backend: Backend, *, request_addr: str | None = None, stream_addr: str | None = None,
-                 on_records: Callable[[list[dict]], None] | None = None, curve_secret_key_file: str | None = None,
+                 on_records: Callable[[list[Record]], None] | None = None, curve_secret_key_file: str | None = None,
                  curve_clients_dir: str | None = None, max_request_bytes: int = 64 << 20,
                  max_images_per_request: int | None = None, threads: int = 16, timeout_s: float | None = None,
                  drain_s: float = 30.0) -> None:
@@ -121,7 +121,7 @@ class ZmqDoor:
         self._waker: Waker | None = None
         self._requests_in_flight = self._stream_in_flight = 0  # touched by the I/O thread only
         self._stream_count = 0
-        self._pending: list[dict] = []  # stream records waiting for on_records
+        self._pending: list[Record] = []  # stream records waiting for on_records
         self._pending_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._request_pool: ThreadPoolExecutor | None = None
@@ -340,7 +340,8 @@ class ZmqDoor:
         """The reply's JSON: records, or the error that stopped the request as a whole."""
         try:
             records = self.backend.submit(images, timeout_s=self.timeout_s, source="zmq")
-            return json.dumps({"id": _id_text(request_id), "records": records}, ensure_ascii=False).encode("utf-8")
+            return json.dumps({"id": _id_text(request_id), "records": [r.to_dict() for r in records]},
+                              ensure_ascii=False).encode("utf-8")
         except ServeError as exc:
             return _error_reply(request_id, exc)
         except Exception as exc:  # a backend bug: answer rather than leave the client waiting
@@ -355,13 +356,12 @@ class ZmqDoor:
         finally:  # the I/O thread must count this image as finished, written or not
             self._post("stream", None)
 
-    def _stream_record(self, name: str, image: bytes, problem: ServeError | None) -> dict:
+    def _stream_record(self, name: str, image: bytes, problem: ServeError | None) -> Record:
         """The backend's record under the stream's name, or an error record naming the request's failure."""
         t0 = time.time()
         if problem is None:
             try:
-                record = self.backend.submit([image], timeout_s=self.timeout_s, source="zmq")[0]
-                return {**record, "key": name}  # the backend's key is a request-unique id
+                return self.backend.submit([image], timeout_s=self.timeout_s, source="zmq", keys=[name])[0]
             except ServeError as exc:
                 problem = exc
             except Exception as exc:
@@ -371,11 +371,9 @@ class ZmqDoor:
             model = self.backend.info().name
         except Exception:  # the record matters more than its model name
             model = ""
-        record = error_record(name, "zmq", model, problem, t0)
-        record["error"] = {"type": problem.reason, "message": str(problem)}
-        return record
+        return Record.failure(name, "zmq", model, problem, t0)  # type: the ServeError's reason
 
-    def _deliver(self, records: list[dict]) -> None:
+    def _deliver(self, records: list[Record]) -> None:
         """Hand records to ``on_records`` one call at a time; returns once they were written.
 
         Group commit: records that arrive while a call runs are written together by the

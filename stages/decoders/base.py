@@ -48,9 +48,19 @@ class Decoder(ABC):
         self.cfg = cfg
         self._closed = False
 
+    @classmethod
+    def declare_output(cls, cfg: DecodeConfig) -> FrameSpec:
+        """Shape, dtype, layout and device of one decoded item, known before anything is built.
+
+        Every decoder here leaves crop x crop x 3 uint8 HWC pixels in host memory
+        (the DALI decoder on a GPU copies its frames back); one that leaves them in
+        device memory declares so by overriding this.
+        """
+        return cfg.preprocess.frame
+
     def output_spec(self) -> FrameSpec:
-        """Shape, dtype and device of one decoded item; known before anything runs."""
-        return FrameSpec(self.cfg.preprocess.frame.shape, "uint8", self.cfg.device)
+        """What ``decode_into`` fills (``declare_output`` of this decoder)."""
+        return self.declare_output(self.cfg)
 
     def decode_into(self, data: bytes | memoryview, out: np.ndarray) -> ImageInfo:
         """Decode ``data`` into ``out``. Do not override: implement ``_decode``.
@@ -132,6 +142,14 @@ def resolve_decoder_name(name: str, device: str = "cpu") -> str:
     if name != "auto":
         return name
     return "dali" if device.startswith("cuda") else "turbo"
+
+
+def declare_decoder_output(name: str, cfg: DecodeConfig) -> FrameSpec:
+    """What the decoder registered as ``name`` produces for ``cfg``, without building it.
+
+    Imports the decoder's module (each keeps its heavy backend out of module scope).
+    """
+    return DECODERS.get(resolve_decoder_name(name, cfg.device)).declare_output(cfg)
 
 
 def create_decoder(name: str, cfg: DecodeConfig) -> Decoder:

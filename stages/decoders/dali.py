@@ -6,7 +6,8 @@ non-images, truncated headers and decompression bombs never reach DALI, where on
 bad sample fails the whole batch. Formats or features DALI gets wrong or lacks
 (GIF, alpha that must be composited over white) go to ``TurboDecoder``.
 
-This module imports DALI at import time; the registry imports it only on demand.
+DALI itself is imported when the first pipeline is built, so planning a job can
+ask this decoder what it produces without loading DALI.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import os
 from typing import Sequence
 
 import numpy as np
-from nvidia.dali import Pipeline, fn, types
 
 from wanwu.errors import ConfigError, DecodeError, InputError
 from wanwu.kernels.geometry import resize_crop_box
@@ -48,12 +48,14 @@ class DaliDecoder(Decoder):
         self, cfg: DecodeConfig, max_batch_size: int = 32, num_threads: int | None = None
     ) -> None:
         super().__init__(cfg)
+        import nvidia.dali  # noqa: F401  (fail here, at construction, not on the first image)
+
         if max_batch_size <= 0:
             raise ConfigError(f"max_batch_size must be positive, got {max_batch_size}")
         self.max_batch_size = max_batch_size
         self.num_threads = num_threads or len(os.sched_getaffinity(0))
         self._device_id = _device_id(cfg.device)
-        self._pipe: Pipeline | None = None  # built on first use, rebuilt after a failure
+        self._pipe = None  # nvidia.dali.Pipeline, built on first use, rebuilt after a failure
         self._turbo = TurboDecoder(cfg)
 
     def _decode(self, data: bytes | memoryview, out: np.ndarray) -> ImageInfo:
@@ -131,8 +133,10 @@ class DaliDecoder(Decoder):
         for k, out in enumerate(outs):
             out[...] = np.asarray(images[k])
 
-    def _build(self) -> Pipeline:
+    def _build(self):  # -> nvidia.dali.Pipeline
         """The pipeline: encoded bytes + ROI in, crop x crop x 3 uint8 RGB out."""
+        from nvidia.dali import Pipeline, fn, types
+
         crop = self.cfg.preprocess.crop
         pipe = Pipeline(
             batch_size=self.max_batch_size,

@@ -32,7 +32,7 @@ def default_cache_dir() -> Path:
 
 
 # Top-2 logit margin under which "auto" precision recomputes a bf16 answer in fp32.
-# On 300 and 600 real photos (wanwu.bench.corpus) plain bf16 changed the top-1 class
+# On 300 and 600 real photos (wanwu.stages.models.photos) plain bf16 changed the top-1 class
 # of 3% of images for EfficientNet-Lite0, all with bf16 margins under 0.3; 0.25
 # rechecks ~15% of images and kept 99.7-100% agreement with fp32.
 RECHECK_MARGIN = 0.25
@@ -108,9 +108,19 @@ class Engine(ABC):
         self._loaded = False
         self._closed = False
 
+    @classmethod
+    def declare_input(cls, model: ModelSpec, cfg: EngineConfig) -> FrameSpec:
+        """One item of the batches ``infer`` takes, known before anything is built.
+
+        Every engine here takes crop x crop x 3 uint8 HWC pixels in host memory (a GPU
+        engine copies the batch to its device itself). Planning calls this on the base
+        class, so that choosing a plan imports no backend.
+        """
+        return model.preprocess.frame
+
     def input_spec(self) -> FrameSpec:
-        """One item of the batch ``infer`` takes: crop x crop x 3 uint8 (HWC)."""
-        return self.model.preprocess.frame
+        """One item of the batch ``infer`` takes (``declare_input`` of this engine)."""
+        return self.declare_input(self.model, self.cfg)
 
     def load(self) -> None:
         """Build or load the compiled model and warm it up. Idempotent."""

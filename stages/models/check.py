@@ -21,8 +21,9 @@ import numpy as np
 
 from wanwu.errors import DecodeError, InputError
 
+from wanwu.stages.classifier import Classifier
 from wanwu.stages.decoders.base import DecodeConfig, create_decoder
-from wanwu.stages.engines.base import ENGINE_FORMATS, EngineConfig, create_engine
+from wanwu.stages.engines.base import ENGINE_FORMATS, EngineConfig
 from wanwu.stages.models.base import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -74,17 +75,18 @@ class _Run:
 
 def _run(engine_name: str, precision: str, spec: ModelSpec, pixels: np.ndarray, batch_size: int,
          cache_dir: str) -> _Run:
-    engine = create_engine(engine_name, spec, EngineConfig(precision=precision, max_batch_size=batch_size,
+    classifier = Classifier(spec, engine_name, EngineConfig(precision=precision, max_batch_size=batch_size,
                                                             cache_dir=cache_dir))
     try:
-        engine.load()
-        engine.rechecked = 0  # not the warm-up's
+        classifier.load()
+        classifier.engine.rechecked = 0  # not the warm-up's
         start = time.perf_counter()
-        logits = np.concatenate([engine.infer(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
+        logits = np.concatenate([classifier.logits(pixels[i:i + batch_size])
+                                 for i in range(0, len(pixels), batch_size)])
         ms = (time.perf_counter() - start) * 1000.0 / len(pixels)
-        return _Run(logits, engine.precision, ms, engine.rechecked / len(pixels))
+        return _Run(logits, classifier.precision, ms, classifier.engine.rechecked / len(pixels))
     finally:
-        engine.shutdown()
+        classifier.shutdown()
 
 
 def compare(logits: np.ndarray, reference: np.ndarray) -> tuple[float, float, float]:

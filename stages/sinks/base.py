@@ -1,13 +1,16 @@
 """Sinks write records and double as the resume ledger.
 
-A record is a plain dict with the fields ``key``, ``source``, ``width``, ``height``,
-``labels`` (list of ``{"label", "label_en", "class_id", "score"}``, best first),
-``model``, ``elapsed_ms`` and ``error`` (``None`` or ``{"type", "message"}``).
+Sinks take ``wanwu.records.Record`` objects, or plain dicts with the same fields
+(``key``, ``source``, ``width``, ``height``, ``labels``, ``model``, ``elapsed_ms``,
+``error``), and read records back as plain dicts.
 
 Contract: ``open()`` repairs what a crash may have left (a torn last line, a
 half-written transaction) and returns the keys already written; after
 ``write(records)`` returns, those records survive a ``kill -9`` of the process.
 The output file itself is the ledger: a key is done once its record is in it.
+``open(ledger=False)`` is for outputs that are logs rather than ledgers (an
+endless stream's): it returns no keys and holds none in memory, so memory stays
+bounded however long the stream runs.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Iterable
 
 from wanwu.errors import ConfigError
+from wanwu.records import RECORD_FIELDS, Record as RecordObject
 from wanwu.registry import Registry
 
-Record = dict[str, Any]
+Record = dict[str, Any]  # a record as sinks read it back
+Writable = RecordObject | Record  # what sinks take
 
-RECORD_FIELDS = ("key", "source", "width", "height", "labels", "model", "elapsed_ms", "error")
+__all__ = ["RECORD_FIELDS", "Record", "SINKS", "Sink", "Writable", "create_sink", "read_records", "sink_kind"]
 
 
 class Sink(ABC):
@@ -34,11 +39,12 @@ class Sink(ABC):
         self._closed = False
 
     @abstractmethod
-    def open(self) -> set[str]:
-        """Create or repair the output; return the keys it already holds and set ``prior_errors``."""
+    def open(self, ledger: bool = True) -> set[str]:
+        """Create or repair the output; set ``prior_errors``; return the keys it already holds
+        (none with ``ledger=False``, which also stops this sink from holding keys in memory)."""
 
     @abstractmethod
-    def write(self, records: Iterable[Record]) -> None:
+    def write(self, records: Iterable[Writable]) -> None:
         """Append records durably (flushed to the OS before returning)."""
 
     def close(self) -> None:

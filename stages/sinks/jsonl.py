@@ -9,7 +9,7 @@ import os
 from typing import IO, Iterable, Iterator
 
 from wanwu.errors import SinkError
-from wanwu.stages.sinks.base import Record, Sink
+from wanwu.stages.sinks.base import Record, Sink, Writable
 from wanwu.stages.sinks.records import dumps, normalise, unique_new
 
 logger = logging.getLogger(__name__)
@@ -35,19 +35,19 @@ class JsonlSink(Sink):
         super().__init__(path)
         self.fsync = fsync  # fsync after every write(): survives power loss, costs a disk flush
         self._file: IO[bytes] | None = None  # unbuffered, append-only; set by open()
-        self._keys: set[str] = set()  # keys in the file
+        self._keys: set[str] | None = set()  # keys in the file; None without a ledger
         self._size = 0  # bytes of whole, valid lines: where a failed write is cut back to
         self._broken: str | None = None  # why writing is no longer safe, if it is not
 
-    def open(self) -> set[str]:
-        """Create the file or repair it; lock it; return the keys it holds.
+    def open(self, ledger: bool = True) -> set[str]:
+        """Create the file or repair it; lock it; return the keys it holds (none without ``ledger``).
 
         Raises:
             SinkError: the file cannot be created or locked, or a line before the
                 last valid one is not a record (corruption this sink did not cause).
         """
         if self._file is not None:
-            return set(self._keys)
+            return set(self._keys or ())
         directory = os.path.dirname(os.path.abspath(self.path))
         try:
             os.makedirs(directory, exist_ok=True)
@@ -59,7 +59,7 @@ class JsonlSink(Sink):
             raise SinkError(f"cannot open {self.path!r} for writing: {exc}") from exc
         try:
             _lock(handle, self.path)
-            keys, good_end, self.prior_errors = _read_ledger(self.path)
+            keys, good_end, self.prior_errors = _read_ledger(self.path, ledger)
             size = os.fstat(handle.fileno()).st_size
             if good_end < size:
                 logger.warning(
@@ -77,10 +77,11 @@ class JsonlSink(Sink):
             handle.close()
             raise
         self._file, self._keys, self._size = handle, keys, good_end
-        return set(keys)
+        return set(keys or ())
 
-    def write(self, records: Iterable[Record]) -> None:
-        """Append the records whose key is not yet in the file (first one per key wins).
+    def write(self, records: Iterable[Writable]) -> None:
+        """Append the records whose key is not yet in the file (first one per key wins;
+        without a ledger, only repeats within ``records`` are dropped).
 
         When this returns, the records are in the OS (and on disk if ``fsync``).
 
@@ -91,7 +92,7 @@ class JsonlSink(Sink):
         """
         if self._file is None or self._broken:
             raise SinkError(f"cannot write to {self.path!r}: {self._broken or 'open() it first'}")
-        batch = unique_new(records, self._keys)
+        batch = unique_new(records, self._keys if self._keys is not None else set())
         if not batch:
             return
         try:
@@ -106,7 +107,8 @@ class JsonlSink(Sink):
             self._cut_back(self._file.fileno())
             raise SinkError(f"cannot write {len(batch)} records to {self.path!r}: {exc}") from exc
         self._size += len(data)
-        self._keys.update(record["key"] for record in batch)
+        if self._keys is not None:
+            self._keys.update(record["key"] for record in batch)
 
     def _cut_back(self, fd: int) -> None:
         """Remove a partly written batch so the file ends with a whole record."""
@@ -138,16 +140,18 @@ class JsonlSink(Sink):
             raise SinkError(f"cannot read {path!r}: {exc}") from exc
 
 
-def _read_ledger(path: str) -> tuple[set[str], int, int]:
-    """The keys in ``path``, how many are errors, and the offset after its last whole, valid record."""
+def _read_ledger(path: str, ledger: bool = True) -> tuple[set[str] | None, int, int]:
+    """The keys in ``path`` (None without ``ledger``), how many are errors, and the offset after
+    its last whole, valid record."""
     keys: set[str] = set()
     good_end = errors = 0
     with open(path, "rb") as lines:
         for record, good_end in _records(lines, path):
-            if record["key"] not in keys and record.get("error") is not None:
+            if record.get("error") is not None and (not ledger or record["key"] not in keys):
                 errors += 1
-            keys.add(record["key"])
-    return keys, good_end, errors
+            if ledger:
+                keys.add(record["key"])
+    return (keys if ledger else None), good_end, errors
 
 
 def _records(lines: IO[bytes], path: str) -> Iterator[tuple[Record, int]]:

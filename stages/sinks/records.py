@@ -7,13 +7,14 @@ import logging
 from typing import Any, Iterable
 
 from wanwu.errors import SinkError
-from wanwu.stages.sinks.base import RECORD_FIELDS, Record
+from wanwu.records import RECORD_FIELDS, Record as RecordObject
+from wanwu.stages.sinks.base import Record, Writable
 
 logger = logging.getLogger(__name__)
 
 
-def normalise(record: Record) -> Record:
-    """``record`` with exactly ``RECORD_FIELDS``, in that order, and fixed types.
+def normalise(record: Writable) -> Record:
+    """``record`` as a dict with exactly ``RECORD_FIELDS``, in that order, and fixed types.
 
     Missing fields become ``None`` and other fields are dropped, so every sink
     reads back the same dict. ``width``/``height`` become ``int`` and
@@ -23,6 +24,8 @@ def normalise(record: Record) -> Record:
     Raises:
         SinkError: the record has no string ``key`` or a field has the wrong type.
     """
+    if isinstance(record, RecordObject):
+        record = record.to_dict()
     key = record.get("key")
     if not isinstance(key, str):
         raise SinkError(f"expected a record with a str 'key', got key={key!r}")
@@ -38,7 +41,7 @@ def normalise(record: Record) -> Record:
     return out
 
 
-def unique_new(records: Iterable[Record], done: set[str]) -> list[Record]:
+def unique_new(records: Iterable[Writable], done: set[str]) -> list[Record]:
     """Normalised records whose key is not in ``done``, the first one per key.
 
     ``done`` is not changed: the caller adds the keys once the records are written.

@@ -9,7 +9,7 @@ import sqlite3
 from typing import Any, Iterable
 
 from wanwu.errors import SinkError
-from wanwu.stages.sinks.base import RECORD_FIELDS, Record, Sink
+from wanwu.stages.sinks.base import RECORD_FIELDS, Record, Sink, Writable
 from wanwu.stages.sinks.records import dumps, top_label, unique_new
 
 logger = logging.getLogger(__name__)
@@ -55,8 +55,8 @@ class SqliteSink(Sink):
         self.fsync = fsync  # synchronous=FULL: every commit reaches the disk
         self._conn: sqlite3.Connection | None = None  # set by open()
 
-    def open(self) -> set[str]:
-        """Create or reopen the database; return the keys it holds.
+    def open(self, ledger: bool = True) -> set[str]:
+        """Create or reopen the database; return the keys it holds (none without ``ledger``).
 
         Raises:
             SinkError: the file is not an SQLite database, or its ``results`` table
@@ -76,9 +76,9 @@ class SqliteSink(Sink):
                 raise
             self._conn = conn
         self.prior_errors = _count_errors(self._conn, self.path)
-        return _keys(self._conn, self.path)
+        return _keys(self._conn, self.path) if ledger else set()
 
-    def write(self, records: Iterable[Record]) -> None:
+    def write(self, records: Iterable[Writable]) -> None:
         """Insert the records in one transaction; keys already present are ignored.
 
         When this returns, the transaction is committed.

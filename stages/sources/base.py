@@ -1,8 +1,16 @@
-"""Sources enumerate inputs and read their encoded bytes.
+"""Sources: where inputs come from. Two kinds.
 
-Contract: ``scan()`` yields every input exactly once, in a deterministic order
-(so a resumed job sees the same stream), without reading image bytes;
-``read(item)`` returns the encoded bytes or raises ``ReadError``.
+* A ``Source`` (byte source: folders, list files, LMDB archives) enumerates inputs
+  and reads their encoded bytes, which decoders then turn into frames. Contract:
+  ``scan()`` yields every input exactly once, in a deterministic order (so a
+  resumed job sees the same stream), without reading image bytes; ``read(item)``
+  returns the encoded bytes or raises ``ReadError``.
+* A ``FrameSource`` (video files, cameras, test patterns) decodes by itself and
+  writes each frame straight into a buffer it is handed, with its own metadata.
+  It declares its frames (``output_spec``) before it runs, and may be endless.
+
+Sources are built where the job is planned and pickled to the process that reads
+them, so they open files, archives and streams lazily, on first use.
 """
 
 from __future__ import annotations
@@ -11,8 +19,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Iterator
 
-from wanwu.errors import ConfigError
+import numpy as np
+
+from wanwu.errors import ConfigError, StageError
 from wanwu.registry import Registry
+from wanwu.specs import FrameSpec, Preprocess
 
 # Extensions a folder scan picks up (compared lower-case).
 IMAGE_EXTENSIONS = frozenset(
@@ -30,9 +41,10 @@ class SourceItem:
 
 
 class Source(ABC):
-    """Base of every source."""
+    """Base of every byte source."""
 
     kind: ClassVar[str] = "base"
+    endless: ClassVar[bool] = False  # byte sources end when their scan does
 
     def __init__(self, location: str) -> None:
         self.location = location
@@ -56,16 +68,87 @@ class Source(ABC):
         """Hook for subclasses holding resources."""
 
 
+@dataclass(frozen=True)
+class FrameInfo:
+    """What a frame source says about the frame it just wrote."""
+
+    key: str  # unique within the job; the record's "key"
+    source: str  # the stream or file it came from; the record's "source"
+    width: int  # of the frame as captured (before resizing for the model), in pixels
+    height: int
+
+
+class FrameSource(ABC):
+    """Base of every frame source. ``read_into`` is fixed; subclasses implement ``_read_into``.
+
+    Args:
+        location: what the user named (a file, a URL, ``testsrc:...``).
+        preprocess: the geometry the model wants; a source resizes and crops its frames
+            to ``preprocess.frame`` unless its options say otherwise.
+    """
+
+    kind: ClassVar[str] = "base"
+
+    def __init__(self, location: str, preprocess: Preprocess) -> None:
+        self.location = location
+        self.preprocess = preprocess
+        self.endless = False  # a live stream never ends by itself; set by subclasses
+        self.ended = False  # set once the last frame was handed over
+        self._closed = False
+
+    def output_spec(self) -> FrameSpec:
+        """What one frame looks like, declared before anything runs."""
+        return self.preprocess.frame
+
+    def read_into(self, out: np.ndarray, timeout_s: float) -> FrameInfo | None:
+        """Write the next frame into ``out``. Do not override: implement ``_read_into``.
+
+        Returns:
+            The frame's metadata, or None when no frame came within ``timeout_s`` (then
+            ``ended`` tells whether one ever will).
+
+        Raises:
+            StageError: ``out`` does not match ``output_spec()``, or the source broke for good.
+        """
+        spec = self.output_spec()
+        if out.shape != spec.shape or out.dtype != np.dtype(spec.dtype):
+            raise StageError(f"expected a frame buffer of {spec.describe()}, got {out.shape} {out.dtype}")
+        if self.ended:
+            return None
+        return self._read_into(out, timeout_s)
+
+    @abstractmethod
+    def _read_into(self, out: np.ndarray, timeout_s: float) -> FrameInfo | None:
+        """Hook: write one frame, or return None (setting ``ended`` when there will be no more)."""
+
+    def shutdown(self) -> None:
+        """Close streams and files. Safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        """Hook for subclasses holding resources."""
+
+
 SOURCES: Registry[Source] = Registry("source")
 SOURCES.register("folder", "wanwu.stages.sources.folder:FolderSource")
 SOURCES.register("list", "wanwu.stages.sources.listfile:ListFileSource")
 SOURCES.register("lmdb", "wanwu.stages.sources.lmdb:LmdbSource")
 
+# Frame sources, chosen by the scheme of the location ("testsrc:...").
+FRAME_SOURCES: Registry[FrameSource] = Registry("frame source")
+FRAME_SOURCES.register("testsrc", "wanwu.stages.sources.testsrc:TestPatternSource")
+
 
 def source_kind(location: str) -> str:
-    """Which source a command-line input names: ``@list.txt``, an LMDB archive, or a folder."""
+    """Which source a command-line input names: a frame source's scheme (``testsrc:``),
+    ``@list.txt``, an LMDB archive, or a folder."""
     import os
 
+    scheme, colon, _ = location.partition(":")
+    if colon and scheme in FRAME_SOURCES:
+        return scheme
     if location.startswith("@"):
         return "list"
     if os.path.isdir(location):
@@ -73,19 +156,38 @@ def source_kind(location: str) -> str:
         return "lmdb" if os.path.isfile(os.path.join(location, "data.mdb")) else "folder"
     if os.path.isfile(location) and location.endswith((".lmdb", ".mdb")):
         return "lmdb"
-    raise ConfigError(f"expected a folder, an LMDB archive or @list.txt, got {location!r}")
+    raise ConfigError(f"expected a folder, an LMDB archive, @list.txt or one of "
+                      f"{', '.join(f'{n}:' for n in FRAME_SOURCES.names())}, got {location!r}")
 
 
-def job_key(location: str, item: SourceItem, several_inputs: bool) -> str:
-    """The key of ``item`` within a job: with several inputs, folder and archive keys get
-    the input as given as a prefix, so the same name in two folders stays two records
-    (list-file keys are already the paths as written)."""
+def job_key(location: str, key: str, several_inputs: bool) -> str:
+    """The key of an input's item within a job: with several inputs, folder, archive and
+    frame-source keys get the input as given as a prefix, so the same name in two folders
+    stays two records (list-file keys are already the paths as written)."""
     if several_inputs and source_kind(location) != "list":
-        return f"{location.rstrip('/')}/{item.key}"
-    return item.key
+        return f"{location.rstrip('/')}/{key}"
+    return key
 
 
-def open_source(location: str) -> Source:
-    """Build the source for one command-line input."""
+def open_source(location: str, preprocess: Preprocess = Preprocess()) -> Source | FrameSource:
+    """Build (not open) the source for one command-line input.
+
+    ``preprocess`` is the model's geometry, which frame sources deliver their frames in.
+    """
     kind = source_kind(location)
+    if kind in FRAME_SOURCES:
+        return FRAME_SOURCES.create(kind, location, preprocess)
     return SOURCES.create(kind, location[1:] if kind == "list" else location)
+
+
+def open_byte_source(location: str) -> Source:
+    """Build the byte source for ``location``; a frame source (which has no bytes to store) is refused.
+
+    Raises:
+        ConfigError: ``location`` is not a folder, LMDB archive or list file.
+    """
+    source = open_source(location)
+    if not isinstance(source, Source):
+        raise ConfigError(f"expected a folder, an LMDB archive or @list.txt, got {location!r}, a "
+                          f"{source.kind} frame source (its frames have no encoded bytes to store)")
+    return source

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import zmq
 
-from wanwu.pipeline.shm import pid_alive
+from wanwu.pipeline.topology.shm import pid_alive
 
 JOB_DIR_PREFIX = "wanwu-job-"
 
 
 @dataclass(frozen=True)
 class Endpoints:
-    """The job's socket addresses (all under one private folder)."""
+    """The topology's socket addresses (all under one private folder)."""
 
     root: str  # the job's private folder
 
@@ -31,18 +31,22 @@ class Endpoints:
         return f"ipc://{os.path.join(self.root, name)}"
 
     @property
-    def work(self) -> str:  # loader PUSH (bind) -> decoders PULL
+    def work(self) -> str:  # feeder PUSH (bind) -> decoders PULL
         return self._ipc("work")
 
     @property
-    def decoded(self) -> str:  # decoders PUSH -> inference PULL (bind)
+    def decoded(self) -> str:  # producers PUSH -> inference PULL (bind)
         return self._ipc("decoded")
 
-    def release(self, decoder: int) -> str:  # inference PUSH -> decoder i PULL (bind)
-        return self._ipc(f"release-{decoder}")
+    def release(self, producer: int) -> str:  # inference PUSH -> producer i PULL (bind)
+        return self._ipc(f"release-{producer}")
 
     @property
-    def records(self) -> str:  # every stage PUSH -> sink PULL (bind)
+    def results(self) -> str:  # decoders and inference PUSH -> feeder PULL (bind): Taken, Results
+        return self._ipc("results")
+
+    @property
+    def records(self) -> str:  # feeder PUSH -> sink PULL (bind): Records, ScanDone, End
         return self._ipc("records")
 
     @property
@@ -84,7 +88,7 @@ def socket(ctx: zmq.Context, kind: int, addr: str, *, bind: bool, hwm: int = 100
 
 def send(sock: zmq.Socket, msg: object, payload: bytes | memoryview | None = None, flags: int = 0) -> None:
     """Send a pickled message, followed by a raw payload frame if given."""
-    from wanwu.pipeline.messages import dumps
+    from wanwu.pipeline.topology.messages import dumps
 
     if payload is None:
         sock.send(dumps(msg), flags)
@@ -94,7 +98,7 @@ def send(sock: zmq.Socket, msg: object, payload: bytes | memoryview | None = Non
 
 def recv(sock: zmq.Socket, flags: int = 0) -> tuple[object, zmq.Frame | None]:
     """Receive ``(message, payload frame or None)``."""
-    from wanwu.pipeline.messages import loads
+    from wanwu.pipeline.topology.messages import loads
 
     frames = sock.recv_multipart(flags, copy=False)
     return loads(frames[0].buffer), (frames[1] if len(frames) > 1 else None)

@@ -7,8 +7,10 @@ import json
 import sys
 from typing import Any
 
+from wanwu.pipeline.cli.options import add_stage_options
+
 # flag dest -> ServeConfig field, for flags whose names differ from the field's
-_RENAMED = {"http_host": "host", "batch_size": "max_batch_size", "zmq": "zmq_request"}
+_RENAMED = {"http_host": "host", "zmq": "zmq_request"}
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,20 +25,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", help="TOML file of settings (flags override it)")
     p.add_argument("--print-config", action="store_true", help="print the effective settings as TOML and exit")
-    m = p.add_argument_group("model")
-    m.add_argument("--model", help="as for `wanwu run` (default efficientnet_lite0)")
-    m.add_argument("--weights", help="checkpoint or ModelScope folder for the model")
-    m.add_argument("--labels", help="label file overriding the model's")
-    m.add_argument("--engine", choices=["auto", "openvino", "torch", "onnxruntime"])
-    m.add_argument("--decoder", choices=["auto", "turbo", "dali"])
-    m.add_argument("--decoders", type=int, help="decoder processes (default: one per core)")
-    m.add_argument("--precision", choices=["auto", "bf16", "fp32"])
-    m.add_argument("--threads", type=int, help="inference threads (0 = all cores)")
-    m.add_argument("--device", help="cpu or cuda:N")
-    m.add_argument("--top-k", type=int, help="labels per image (default 5)")
-    m.add_argument("--max-pixels", type=int, help="refuse larger images (default 100,000,000)")
+    add_stage_options(p, defaults=False)  # as for `wanwu run`; --batch-size is Triton's max_batch_size
     b = p.add_argument_group("dynamic batching")
-    b.add_argument("--batch-size", type=int, help="max_batch_size: images per engine call (default 32)")
     b.add_argument("--max-queue-delay-ms", type=float, help="longest wait of an image for company (default 5)")
     b.add_argument("--preferred-batch-sizes", type=int, nargs="+", metavar="N", help="sizes to run at once")
     b.add_argument("--max-queue-size", type=int, help="images waiting before requests get 'queue full' (1024)")

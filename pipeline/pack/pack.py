@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass, replace
 from typing import ContextManager, Iterator
 
 from wanwu.errors import ConfigError, ReadError
-from wanwu.pipeline.archive import ArchiveWriter, check_output, publish
-from wanwu.pipeline.pool import bounded_map
-from wanwu.pipeline.shrink import Shrink
-from wanwu.stages.sources.base import Source, SourceItem, job_key, open_source
+from wanwu.pipeline.pack.archive import ArchiveWriter, check_output, publish
+from wanwu.pipeline.pack.pool import bounded_map
+from wanwu.pipeline.pack.shrink import Shrink
+from wanwu.stages.sources.base import Source, SourceItem, job_key, open_byte_source
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def pack(
     out = out.rstrip("/") or out
     subdir = not out.endswith(".mdb")
     check_output(out, overwrite)
-    sources = [open_source(location) for location in inputs]
+    sources = [open_byte_source(location) for location in inputs]
     shrink = Shrink(resize_shorter, quality) if resize_shorter else None
     jobs = _jobs(inputs, sources)
     parent = os.path.dirname(os.path.abspath(out))
@@ -154,7 +154,7 @@ def pack(
 def _jobs(inputs: list[str], sources: list[Source]) -> Iterator[tuple[int, SourceItem]]:
     """Every input item with its archive key.
 
-    With several inputs, the loader's rule (pipeline/loader.py): keys of folders
+    With several inputs, the loader's rule (``job_key``): keys of folders
     and archives get the input as a prefix. The same name in two folders then
     does not collide, and ``wanwu run`` gives the same keys on the archive as on
     the inputs.
@@ -162,7 +162,7 @@ def _jobs(inputs: list[str], sources: list[Source]) -> Iterator[tuple[int, Sourc
     several = len(sources) > 1
     for index, (location, source) in enumerate(zip(inputs, sources)):
         for item in source.scan():
-            yield index, replace(item, key=job_key(location, item, several))
+            yield index, replace(item, key=job_key(location, item.key, several))
 
 
 def _check_args(

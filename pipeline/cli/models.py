@@ -1,4 +1,4 @@
-"""``wanwu models list|show|export|check`` and the model options ``wanwu run`` shares."""
+"""``wanwu models list|show|export|check``."""
 
 from __future__ import annotations
 
@@ -12,30 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from wanwu.errors import ConfigError, ModelError
+from wanwu.pipeline.cli.options import MODEL_HELP, add_model_options, model_options
 
 logger = logging.getLogger(__name__)
 
-MODEL_HELP = ("a registered name (see `wanwu models list`), modelscope:DIR (万物识别), timm:NAME, "
-              "onnx:FILE, openvino:FILE.xml, or a ModelScope folder")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-
-
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    """The options that pick and adjust a model, shared by ``run`` and ``models``."""
-    g = p.add_argument_group("model", "--weights/--labels/--mean/--std/--resize-shorter/--crop override the model's own")
-    g.add_argument("--weights", default="", help="checkpoint for timm:NAME (timm naming), or the ModelScope folder")
-    g.add_argument("--labels", default="", help="label file: .txt (one a line, optionally index<TAB>label) or .json")
-    g.add_argument("--mean", type=float, nargs=3, default=None, metavar="M",
-                   help="per-channel mean on [0, 1] values (ONNX/IR/timm models: ImageNet's by default)")
-    g.add_argument("--std", type=float, nargs=3, default=None, metavar="S", help="per-channel std, likewise")
-    g.add_argument("--resize-shorter", type=int, default=None, metavar="PX", help="shorter side before the crop")
-    g.add_argument("--crop", type=int, default=None, metavar="PX", help="side of the square center crop")
-
-
-def model_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of ``resolve_model`` from parsed model options."""
-    return {"weights": args.weights, "labels": args.labels, "mean": args.mean, "std": args.std,
-            "resize_shorter": args.resize_shorter, "crop": args.crop}
 
 
 def _resolve(args: argparse.Namespace) -> Any:
@@ -192,7 +173,7 @@ def _photo_paths(args: argparse.Namespace, workdir: str) -> list[Path]:
             raise ConfigError(f"expected photos in {args.photos}, found no image files")
         return paths[: args.images]
     try:
-        from wanwu.bench.corpus import build_corpus
+        from wanwu.stages.models.photos import build_corpus
 
         return build_corpus(workdir, args.images)
     except ImportError as exc:

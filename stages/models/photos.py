@@ -1,4 +1,4 @@
-"""A deterministic corpus of real-photo JPEGs at camera and phone sizes.
+"""Real photos for checks, calibration and benchmarks: a deterministic corpus of JPEGs at camera sizes.
 
 30% 640x480, 30% 1280x720, 30% 1920x1080, 10% 4032x3024; a third portrait;
 JPEG quality 80 to 95. Content: random crops of the photos scikit-image ships

@@ -12,26 +12,19 @@ import logging
 import os
 import sys
 
+from importlib.metadata import entry_points
+
 from wanwu import __version__
 from wanwu.errors import ConfigError, WanwuError
-from wanwu.pipeline.cli_models import MODEL_HELP, add_model_options, add_models_parser, model_options
-from wanwu.pipeline.cli_serve import add_serve_parser
-from wanwu.pipeline.config import JobConfig, cpu_count, default_decoders
-from wanwu.stages.decoders.base import DEFAULT_MAX_PIXELS
+from wanwu.pipeline.cli.models import add_models_parser
+from wanwu.pipeline.cli.options import add_stage_options, model_options, pipeline_fields, positive_int
+from wanwu.pipeline.cli.serve import add_serve_parser
+from wanwu.pipeline.config import JobConfig
 
 logger = logging.getLogger("wanwu")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SOME_ERRORS = 0, 1, 2, 3
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+COMMANDS_GROUP = "wanwu.commands"  # entry points adding subcommands (wanwu bench): add_parser(subparsers)
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -42,31 +35,15 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="a folder (searched recursively), an LMDB archive made by `wanwu pack`, or @list.txt")
+                   help="a folder (searched recursively), an LMDB archive made by `wanwu pack`, @list.txt, "
+                        "or testsrc: (generated frames; see the README)")
     p.add_argument("--out", "-o", required=True,
                    help="results.jsonl or results.sqlite; also the resume ledger")
-    p.add_argument("--model", default="efficientnet_lite0", help=MODEL_HELP)
-    p.add_argument("--engine", default="auto", choices=["auto", "openvino", "torch", "onnxruntime"],
-                   help="inference engine; auto picks the fastest installed for the device")
-    p.add_argument("--decoder", default="auto", choices=["auto", "turbo", "dali"],
-                   help="turbo: libjpeg-turbo with DCT-domain downscaling (fastest on CPU); dali: NVIDIA DALI")
-    p.add_argument("--decoders", type=_positive_int, default=default_decoders(),
-                   help=f"decoder processes (this machine has {cpu_count()} cores)")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per inference call")
-    p.add_argument("--top-k", type=_positive_int, default=5, help="labels per record")
-    p.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
-                   help="refuse images with more pixels than this before decoding them (decompression bombs)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda:N")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="auto uses bf16 where the hardware supports it")
-    p.add_argument("--threads", type=int, default=0, help="inference threads (0: all cores)")
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "log", "none"],
                    help="bar on a terminal, log lines otherwise")
     p.add_argument("--stats-json", metavar="PATH", default=None,
-                   help="also write the job's counts and timings as JSON (for benchmarks)")
-    p.add_argument("--hold-until-ready", action="store_true",
-                   help="read no input until the model is loaded, so timings exclude start-up (for benchmarks)")
-    add_model_options(p)
+                   help="also write the job's counts and timings as JSON")
+    add_stage_options(p)
     p.set_defaults(func=_cmd_run)
 
 
@@ -78,9 +55,9 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="folders or @list.txt")
     p.add_argument("out", metavar="OUT.lmdb", help="archive to create")
-    p.add_argument("--resize-shorter", type=_positive_int, default=None,
+    p.add_argument("--resize-shorter", type=positive_int, default=None,
                    help="store JPEGs resized so the shorter side is N (only images larger than that)")
-    p.add_argument("--quality", type=_positive_int, default=90, help="JPEG quality when resizing")
+    p.add_argument("--quality", type=positive_int, default=90, help="JPEG quality when resizing")
     p.add_argument("--workers", type=int, default=0, help="resizing processes (0: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing archive")
     p.set_defaults(func=_cmd_pack)
@@ -89,25 +66,8 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
 def _add_show(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("show", help="print the records of a results file as a table")
     p.add_argument("results", help="results.jsonl or results.sqlite")
-    p.add_argument("--top", type=_positive_int, default=3, help="labels per image to show")
+    p.add_argument("--top", type=positive_int, default=3, help="labels per image to show")
     p.set_defaults(func=_cmd_show)
-
-
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "bench", help="benchmark wanwu against a for-loop and a DataLoader on the same photos",
-        description="Builds a deterministic corpus of real-photo JPEGs and measures, in one run: a naive "
-        "for-loop, a torch DataLoader, decode and inference alone, wanwu end to end, and wanwu on a "
-        "packed LMDB. Prints a table and writes bench.json, bench.md and bench.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--images", type=_positive_int, default=300, help="corpus size")
-    p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per row, after a warm-up")
-    p.add_argument("--quick", action="store_true", help="a small, fast run (for CI): 64 images, 1 repeat")
-    p.add_argument("--memory", action="store_true", help="also compare peak memory of 500- and 5000-image jobs")
-    p.add_argument("--workdir", default="", help="where the corpus and archives live (reused between runs)")
-    p.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md, bench.png")
-    p.set_defaults(func=_cmd_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,28 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_pack(sub)
     _add_show(sub)
-    _add_bench(sub)
     add_models_parser(sub)
     add_serve_parser(sub)
+    for entry in entry_points(group=COMMANDS_GROUP):  # commands shipped apart from the product (wanwu bench)
+        try:
+            entry.load()(sub)
+        except ImportError as exc:  # an optional part that is not installed: its command is just absent
+            logger.debug("command %s unavailable: %s", entry.name, exc)
     return parser
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from wanwu.pipeline.job import run_job
+    from wanwu.pipeline.run.job import run_job
+    from wanwu.stages.sources.base import source_kind
 
-    cfg = JobConfig(
-        inputs=tuple(args.inputs), out=args.out, model=args.model, engine=args.engine, decoder=args.decoder,
-        decoders=args.decoders, batch_size=args.batch_size, top_k=args.top_k, max_pixels=args.max_pixels,
-        device=args.device, precision=args.precision, threads=args.threads, progress=args.progress,
-        hold_until_ready=args.hold_until_ready, weights=args.weights, labels=args.labels,
-        mean=tuple(args.mean or ()), std=tuple(args.std or ()), resize_shorter=args.resize_shorter or 0,
-        crop=args.crop or 0,
-    )
+    for location in args.inputs:
+        source_kind(location)  # fail fast on a bad input, before anything else
+    cfg = JobConfig(inputs=tuple(args.inputs), out=args.out, progress=args.progress, **pipeline_fields(args))
     _check_model(args)
-    for location in cfg.inputs:
-        from wanwu.stages.sources.base import source_kind
-
-        source_kind(location)  # fail fast on a bad input, before starting processes
     result = run_job(cfg)
     print(result.summary(args.out), file=sys.stderr)
     if args.stats_json:
@@ -160,7 +116,7 @@ def _check_model(args: argparse.Namespace) -> None:
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
-    from wanwu.pipeline.pack import pack
+    from wanwu.pipeline.pack.pack import pack
 
     stats = pack(list(args.inputs), args.out, resize_shorter=args.resize_shorter, quality=args.quality,
                  workers=args.workers, overwrite=args.overwrite)
@@ -183,25 +139,6 @@ def _cmd_show(args: argparse.Namespace) -> int:
                 else f"{l['label']} {l['score']:.1%}"  # 万物识别 labels are Chinese only
                 for l in rec["labels"][: args.top])
             print(f"{rec['key']}\t{rec['width']}x{rec['height']}\t{labels}")
-    return EXIT_OK
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from wanwu.bench.report import text_table, write_reports
-    from wanwu.bench.suite import BenchConfig, run_suite
-
-    if args.quick:
-        cfg = BenchConfig(images=64, repeats=1, naive_images=16, workdir=args.workdir)
-    else:
-        cfg = BenchConfig(images=args.images, repeats=args.repeats, workdir=args.workdir,
-                          memory_images=(500, 5000) if args.memory else ())
-    result = run_suite(cfg)
-    print(text_table(result))
-    print(f"limit {result['limit_images_per_s']:.1f} images/s, wanwu at {result['efficiency']:.0%} of it")
-    for path in write_reports(result, Path(args.out)):
-        print(f"wrote {path}", file=sys.stderr)
     return EXIT_OK
 
 

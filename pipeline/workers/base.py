@@ -1,13 +1,15 @@
-"""What every worker process shares: start-up, the stop signal, busy-time accounting.
+"""What every worker process shares: start-up, control messages, busy-time accounting.
 
-A worker is started as ``python -m wanwu.pipeline.worker`` with a pickled
-``WorkerSpec`` on its standard input, so each process imports only what its
-role needs: only the inference process imports torch or OpenVINO.
+A worker is started as ``python -m wanwu.pipeline.workers ROLE INDEX`` with a
+pickled ``WorkerSpec`` on its standard input and the slot pool's descriptor
+inherited, so each process imports only what its role needs: only the inference
+process imports torch or OpenVINO.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib
 import logging
 import os
 import pickle
@@ -18,26 +20,28 @@ import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 import zmq
 
-from wanwu.pipeline import transport
-from wanwu.pipeline.config import JobConfig
-from wanwu.pipeline.messages import GO, STOP, Event
-from wanwu.pipeline.shm import SlotPool
-from wanwu.pipeline.transport import Endpoints
-from wanwu.specs import FrameSpec, Preprocess
+from wanwu.pipeline.topology import transport
+from wanwu.pipeline.topology.messages import Event, EventKind, Stop
+from wanwu.pipeline.topology.shm import SlotPool
+from wanwu.pipeline.topology.transport import Endpoints
+
+if TYPE_CHECKING:
+    from wanwu.pipeline.config import PipelineConfig
+    from wanwu.pipeline.topology.plan import Plan
 
 logger = logging.getLogger(__name__)
 
-BUSY_REPORT_S = 2.0  # between a daemon worker's busy-share reports
+BUSY_REPORT_S = 2.0  # between busy-share reports (a daemon never exits to report at the end)
 
 ROLES = {
-    "loader": "wanwu.pipeline.loader:LoaderWorker",
-    "decoder": "wanwu.pipeline.decode_worker:DecoderWorker",
-    "inference": "wanwu.pipeline.infer_worker:InferenceWorker",
-    "sink": "wanwu.pipeline.sink_worker:SinkWorker",
+    "loader": "wanwu.pipeline.workers.loader:LoaderWorker",
+    "decoder": "wanwu.pipeline.workers.decoder:DecoderWorker",
+    "inference": "wanwu.pipeline.workers.inference:InferenceWorker",
+    "sink": "wanwu.pipeline.workers.sink:SinkWorker",
 }
 
 
@@ -47,34 +51,42 @@ class WorkerSpec:
 
     role: str  # a key of ROLES
     index: int  # which decoder (0 for the single-instance roles)
-    job: JobConfig
+    cfg: "PipelineConfig"  # the shared settings (a JobConfig for the batch job)
+    plan: "Plan"  # the topology's shape: the slot frame, producers and their slot ranges
     endpoints: Endpoints
-    pool_path: str  # the shared-memory slot pool
-    preprocess: Preprocess  # the model's geometry; one slot is preprocess.frame
-    n_slots: int  # slots in the pool
+    pool_fd: int  # the slot pool's descriptor, inherited from the owner
+    generation: int = 0  # incarnation of this worker (restarts and resets count up)
+    sources: tuple[Any, ...] = ()  # loader: the inputs, as Source/FrameSource objects
     done_keys_path: str = ""  # loader: pickled set of keys already in the output
-    generation: int = 0  # restarts of this worker so far (the daemon restarts dead workers)
-    model_name: str = ""  # the resolved model's name, for error records ("" = job.model as given)
 
     @property
-    def model(self) -> str:
-        """The ``model`` field of the records this worker writes."""
-        return self.model_name or self.job.model
+    def name(self) -> str:
+        return f"{self.role}-{self.index}" if self.role == "decoder" else self.role
 
     @property
-    def frame(self) -> FrameSpec:
-        return self.preprocess.frame
+    def producer(self) -> int:
+        """This worker's producer index (it writes slots), or -1."""
+        if self.role == "decoder":
+            return self.index
+        if self.role == "loader" and self.plan.frame_producer:
+            return self.plan.loader_producer
+        return -1
+
+    @property
+    def uses_pool(self) -> bool:
+        return self.producer >= 0 or self.role == "inference"
 
 
 class Worker(ABC):
     """Base of the worker processes. ``run`` is fixed; roles implement ``_setup`` and ``_loop``."""
 
     stage: ClassVar[str] = "worker"
-    uses_pool: ClassVar[bool] = True
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
-        self.job = spec.job
+        self.cfg = spec.cfg
+        self.plan = spec.plan
+        self.name = spec.name
         self.ctx = zmq.Context.instance()
         self.events = transport.socket(self.ctx, zmq.PUSH, spec.endpoints.events, bind=False)
         self.control = transport.socket(self.ctx, zmq.SUB, spec.endpoints.control, bind=False)
@@ -82,60 +94,59 @@ class Worker(ABC):
         self.busy_s = 0.0
         self.items = 0
         self._stopped = False
-        self.go = False  # the owner said every worker is ready
         self._t_start = time.perf_counter()
         self._last_busy_report = self._t_start
 
-    @property
-    def name(self) -> str:
-        return f"{self.stage}-{self.spec.index}" if self.stage == "decoder" else self.stage
-
-    def emit(self, kind: str, **data: object) -> None:
+    def emit(self, kind: EventKind, **data: object) -> None:
         transport.send(self.events, Event(kind, self.name, os.getpid(), dict(data)))
 
     def stopped(self) -> bool:
-        """True once the owner has broadcast stop (checked without blocking)."""
+        """True once the owner has broadcast ``Stop`` (checked without blocking); other
+        control messages go to ``_on_control`` on the way."""
         while not self._stopped:
             try:
-                msg = self.control.recv(zmq.NOBLOCK)
+                msg, _ = transport.recv(self.control, zmq.NOBLOCK)
             except zmq.Again:
                 break
-            self._stopped = msg == STOP
-            self.go = self.go or msg == GO
+            if isinstance(msg, Stop):
+                self._stopped = True
+            else:
+                self._on_control(msg)
         return self._stopped
+
+    def _on_control(self, msg: object) -> None:
+        """Hook: a control message other than ``Stop`` (``Drain``, ``Lost``)."""
 
     @contextmanager
     def busy(self) -> Iterator[None]:
-        """Count the enclosed time as this stage's work (for the busy-share summary)."""
+        """Count the enclosed time as this stage's work (for the busy-share figures)."""
         t = time.perf_counter()
         try:
             yield
         finally:
             now = time.perf_counter()
             self.busy_s += now - t
-            # A daemon never exits to report its busy share: tell the owner now and then.
-            if self.job.restartable and now - self._last_busy_report >= BUSY_REPORT_S:
+            if now - self._last_busy_report >= BUSY_REPORT_S:
                 self._last_busy_report = now
-                self.emit("busy", busy_s=self.busy_s, wall_s=now - self._t_start, items=self.items)
+                self.emit(EventKind.BUSY, busy_s=self.busy_s, wall_s=now - self._t_start, items=self.items)
 
     def run(self) -> int:
         """Attach, set up, loop until stopped, report stats. Returns the exit status."""
         status = 0
         try:
-            if self.uses_pool:
-                self.pool = SlotPool.attach(self.spec.pool_path, self.spec.frame, self.spec.n_slots)
-            self.emit("attached")
+            if self.spec.uses_pool:
+                self.pool = SlotPool.attach(self.spec.pool_fd, self.plan.frame, self.plan.n_slots)
             self._setup()
             self._t_start = time.perf_counter()  # busy share counts from here, not from imports
-            self.emit("ready")
+            self.emit(EventKind.READY)
             self._loop()
-        except Exception as exc:  # report any failure to the owner, who ends the job
+        except Exception as exc:  # report any failure to the owner, who restarts us or ends the job
             logger.exception("%s failed", self.name)
             transport.send(self.events, Event.fatal(self.name, os.getpid(), exc))
             status = 1
         finally:
             wall = time.perf_counter() - self._t_start
-            self.emit("stats", busy_s=self.busy_s, wall_s=wall, items=self.items)
+            self.emit(EventKind.STATS, busy_s=self.busy_s, wall_s=wall, items=self.items)
             self._shutdown()
             if self.pool is not None:
                 self.pool.close()
@@ -152,7 +163,7 @@ class Worker(ABC):
         """Hook: do the work until ``stopped()``."""
 
     def _shutdown(self) -> None:
-        """Hook: release stages."""
+        """Hook: release stages (safe to call whether or not ``_setup`` finished)."""
 
     def wait_for_stop(self) -> None:
         """Block until the owner broadcasts stop."""
@@ -162,8 +173,8 @@ class Worker(ABC):
 
 def spawn(spec: WorkerSpec) -> subprocess.Popen:
     """Start the worker process for ``spec`` (its role and index in argv, so `ps` tells them apart)."""
-    proc = subprocess.Popen([sys.executable, "-m", "wanwu.pipeline.worker", spec.role, str(spec.index)],
-                            stdin=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "wanwu.pipeline.workers", spec.role, str(spec.index)],
+                            stdin=subprocess.PIPE, pass_fds=(spec.pool_fd,))
     assert proc.stdin is not None
     proc.stdin.write(pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL))
     proc.stdin.close()
@@ -193,14 +204,8 @@ def main() -> int:
     spec: WorkerSpec = pickle.load(sys.stdin.buffer)
     logging.basicConfig(
         level=os.environ.get("WANWU_LOG_LEVEL", "WARNING"),
-        format=f"%(asctime)s {spec.role}[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s {spec.name}[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
     )
     module_name, _, cls_name = ROLES[spec.role].partition(":")
-    import importlib
-
     worker_cls = getattr(importlib.import_module(module_name), cls_name)
     return worker_cls(spec).run()
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

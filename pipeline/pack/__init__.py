@@ -1,0 +1,1 @@
+"""``wanwu pack``: packing folders into LMDB archives (optionally with smaller JPEGs)."""

@@ -1,0 +1,121 @@
+"""A decoder process: bytes in, pixels into the slots it owns, headers out.
+
+Backpressure is explicit: the decoder asks for work only while it holds a free
+slot, and a slot comes back only when the inference process has copied it out.
+So memory stays bounded whatever the job size.
+
+Before decoding, it tells the feeder which inputs it holds (``Taken``), so its
+death re-sends exactly those. An input sent again after a death is decoded in a
+batch of its own: if it kills this decoder too, it alone is blamed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Iterator
+
+import zmq
+
+from wanwu.errors import InputError
+from wanwu.records import Record
+from wanwu.pipeline.topology import transport
+from wanwu.pipeline.topology.messages import Decoded, Release, Results, Taken, WorkItem
+from wanwu.pipeline.workers.base import Worker
+from wanwu.stages.decoders.base import create_decoder
+
+logger = logging.getLogger(__name__)
+
+Item = tuple[WorkItem, zmq.Frame]
+
+
+class DecoderWorker(Worker):
+    stage = "decoder"
+
+    def _setup(self) -> None:
+        ep = self.spec.endpoints
+        self.producer = self.spec.producer
+        self.mine = self.plan.slot_range(self.producer, self.spec.generation)
+        self.free: deque[int] = deque(self.mine)
+        self.work = transport.socket(self.ctx, zmq.PULL, ep.work, bind=False, hwm=2)
+        self.release = transport.socket(self.ctx, zmq.PULL, ep.release(self.producer), bind=True)
+        self.decoded = transport.socket(self.ctx, zmq.PUSH, ep.decoded, bind=False)
+        self.results = transport.socket(self.ctx, zmq.PUSH, ep.results, bind=False)
+        self.decoder = create_decoder(self.cfg.decoder, self.cfg.decode_config(self.plan.preprocess))
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.release, zmq.POLLIN)
+        poller.register(self.control, zmq.POLLIN)
+        while not self.stopped():
+            self._take_releases()
+            if self.free:
+                poller.register(self.work, zmq.POLLIN)
+            ready = dict(poller.poll(200))
+            if self.free:
+                poller.unregister(self.work)
+            if ready.get(self.work):
+                self._decode_available()
+
+    def _take_releases(self) -> None:
+        while True:
+            try:
+                msg, _ = transport.recv(self.release, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            assert isinstance(msg, Release)
+            # A predecessor's slots may still come back after a restart: not ours to reuse.
+            self.free.extend(s for s in msg.slots if s in self.mine)
+
+    def _decode_available(self) -> None:
+        """Decode as many queued items as there are free slots: first attempts as one batch,
+        items sent again one by one."""
+        items: list[Item] = []
+        while len(items) < len(self.free):
+            try:
+                msg, payload = transport.recv(self.work, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            items.append((msg, payload))
+        for group in _groups(items):
+            self._decode_group(group)
+        self.items += len(items)
+
+    def _decode_group(self, group: list[Item]) -> None:
+        transport.send(self.results, Taken(tuple(item.ticket for item, _ in group), self.producer,
+                                           self.spec.generation))
+        slots = [self.free.popleft() for _ in group]
+        assert self.pool is not None
+        with self.busy():
+            outcomes = self.decoder.decode_batch_into([payload.buffer for _, payload in group],
+                                                      [self.pool.frame(s) for s in slots])
+        tickets, errors = [], []
+        for (item, _), slot, outcome in zip(group, slots, outcomes):
+            if isinstance(outcome, InputError):
+                self.free.append(slot)
+                tickets.append(item.ticket)
+                errors.append(Record.failure(item.key, item.source, self.plan.model_name, outcome, item.t0))
+            else:
+                transport.send(self.decoded, Decoded(item.ticket, item.key, item.source, slot, outcome.width,
+                                                     outcome.height, item.t0, self.producer, self.spec.generation))
+        if errors:
+            transport.send(self.results, Results(tuple(tickets), tuple(errors)))
+
+    def _shutdown(self) -> None:
+        if hasattr(self, "decoder"):
+            self.decoder.shutdown()
+
+
+def _groups(items: list[Item]) -> Iterator[list[Item]]:
+    """Consecutive first attempts together; each item sent again alone."""
+    batch: list[Item] = []
+    for item in items:
+        if item[0].attempt > 1:
+            if batch:
+                yield batch
+                batch = []
+            yield [item]
+        else:
+            batch.append(item)
+    if batch:
+        yield batch

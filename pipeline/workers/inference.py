@@ -1,0 +1,97 @@
+"""The inference process: gather decoded slots into batches and run the classifier stage.
+
+Slots are copied into one contiguous batch and handed back to their producers
+*before* the model runs, so decoding the next batch overlaps with computing
+this one. On a GPU build this gather is where the uint8 batch is copied
+host-to-device on one CUDA stream while the previous batch computes on another.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+
+import numpy as np
+import zmq
+
+from wanwu.pipeline.topology import transport
+from wanwu.pipeline.topology.messages import Decoded, EventKind, Release, Results
+from wanwu.pipeline.workers.base import Worker
+from wanwu.stages.classifier import Classifier
+from wanwu.stages.models.base import get_model_spec
+
+logger = logging.getLogger(__name__)
+
+
+class InferenceWorker(Worker):
+    stage = "inference"
+
+    def _setup(self) -> None:
+        ep = self.spec.endpoints
+        self.decoded = transport.socket(self.ctx, zmq.PULL, ep.decoded, bind=True)
+        self.results = transport.socket(self.ctx, zmq.PUSH, ep.results, bind=False)
+        self.release = [transport.socket(self.ctx, zmq.PUSH, ep.release(p), bind=False)
+                        for p in range(self.plan.producers)]
+        model = get_model_spec(self.cfg.model, **self.cfg.model_options())
+        self.classifier = Classifier(model, self.cfg.engine, self.cfg.engine_config(), self.cfg.top_k)
+        self.classifier.load()
+        self.batch = np.empty((self.cfg.batch_size, *self.plan.frame.shape), np.dtype(self.plan.frame.dtype))
+        self.generation: dict[int, int] = {}  # newest incarnation seen, per producer
+
+    def _loop(self) -> None:
+        policy = self.cfg.batch_policy()
+        pending: list[tuple[float, Decoded]] = []  # (arrival time, message)
+        last_arrival = time.perf_counter()
+        while not self.stopped():
+            now = time.perf_counter()
+            oldest = now - pending[0][0] if pending else 0.0
+            if self.decoded.poll(policy.wait_s(len(pending), oldest, now - last_arrival) * 1000.0):
+                last_arrival = time.perf_counter()
+                for msg in self._drain():
+                    pending.append((last_arrival, msg))
+            while pending:
+                now = time.perf_counter()
+                n = policy.take(len(pending), now - pending[0][0], now - last_arrival)
+                if not n:
+                    break
+                self._run_batch([m for _, m in pending[:n]], now - pending[0][0])
+                del pending[:n]
+
+    def _drain(self) -> list[Decoded]:
+        """Waiting messages, minus those of producers that have since moved on a generation."""
+        out = []
+        while True:
+            try:
+                msg, _ = transport.recv(self.decoded, zmq.NOBLOCK)
+            except zmq.Again:
+                return [m for m in out if m.generation >= self.generation.get(m.producer, 0)]
+            assert isinstance(msg, Decoded)
+            # A newer incarnation of a producer means its predecessor died (or was reset): the
+            # frames it had handed over may sit in slots its successor reuses two generations
+            # on, and the feeder sends them again anyway. Never read them.
+            self.generation[msg.producer] = max(self.generation.get(msg.producer, 0), msg.generation)
+            out.append(msg)
+
+    def _run_batch(self, items: list[Decoded], waited_s: float) -> None:
+        assert self.pool is not None
+        n = len(items)
+        t = time.perf_counter()
+        with self.busy():
+            batch = self.pool.gather([m.slot for m in items], out=self.batch[:n])
+            self._release(items)
+            records = self.classifier.classify(batch, items)
+        transport.send(self.results, Results(tuple(m.ticket for m in items), tuple(records)))
+        self.items += n
+        self.emit(EventKind.BATCH, size=n, queue_s=waited_s, compute_s=time.perf_counter() - t)
+
+    def _release(self, items: list[Decoded]) -> None:
+        by_producer: dict[int, list[int]] = defaultdict(list)
+        for m in items:
+            by_producer[m.producer].append(m.slot)
+        for producer, slots in by_producer.items():
+            transport.send(self.release[producer], Release(tuple(slots)))
+
+    def _shutdown(self) -> None:
+        if hasattr(self, "classifier"):
+            self.classifier.shutdown()

@@ -1,0 +1,256 @@
+"""The loader process: the batch job's feeder.
+
+It enumerates the inputs, skips those already in the output, and feeds the
+rest into the topology: encoded bytes to the decoders over a PUSH socket with a
+small high-water mark (so it runs only as far ahead as they can take), frames
+of a frame source straight into the slots it owns. Every record comes back
+here first: the loader keeps the ledger of inputs in flight (``InFlight``),
+sends again what a dead worker held, forwards exactly one record per input to
+the sink, and ends the stream with ``End`` once nothing is in flight.
+
+``Drain`` (Ctrl-C, SIGTERM) stops taking new inputs; the loader still waits for
+every input in flight, so every input that entered has its record.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from collections import deque
+from typing import Iterator
+
+import zmq
+
+from wanwu.errors import ReadError, StageError
+from wanwu.pipeline.topology import transport
+from wanwu.pipeline.topology.inflight import Entry, InFlight
+from wanwu.pipeline.topology.messages import (Decoded, Drain, End, Lost, Records, Release, Results, ScanDone,
+                                              Taken, WorkItem)
+from wanwu.pipeline.workers.base import Worker
+from wanwu.records import Record
+from wanwu.stages.sources.base import FrameSource, Source, SourceItem, job_key
+
+logger = logging.getLogger(__name__)
+
+# Encoded images queued per decoder: enough to hide read latency, small enough
+# to bound memory (a few 12-megapixel JPEGs at most).
+WORK_HWM = 4
+FRAME_WAIT_S = 0.02  # longest wait for a live source's next frame before looking at the sockets again
+
+
+class LoaderWorker(Worker):
+    stage = "loader"
+
+    def _setup(self) -> None:
+        ep = self.spec.endpoints
+        self.sources = list(self.spec.sources)
+        self.inputs: tuple[str, ...] = self.cfg.inputs  # type: ignore[attr-defined]  # a JobConfig
+        self.results = transport.socket(self.ctx, zmq.PULL, ep.results, bind=True)
+        self.records = transport.socket(self.ctx, zmq.PUSH, ep.records, bind=False)
+        self.work = transport.socket(self.ctx, zmq.PUSH, ep.work, bind=True, hwm=WORK_HWM) if self.plan.decoders else None
+        self.producer = self.spec.producer  # >= 0 when a frame source is among the inputs
+        if self.producer >= 0:
+            self.release = transport.socket(self.ctx, zmq.PULL, ep.release(self.producer), bind=True)
+            self.decoded = transport.socket(self.ctx, zmq.PUSH, ep.decoded, bind=False)
+            self._reset_slots(self.spec.generation)
+        with open(self.spec.done_keys_path, "rb") as f:
+            self.done: set[str] = pickle.load(f)
+        self.inflight = InFlight()
+        self.scan = self._scan()
+        self.next_item: tuple[int, SourceItem, str] | None = None  # read from the scan, not yet sent
+        self.frame_source: tuple[int, FrameSource] | None = None  # the frame source being read, if any
+        self.exhausted = self.draining = False
+        self.emitted = 0
+
+    # ---- the inputs
+
+    def _scan(self) -> Iterator[tuple[int, SourceItem, str] | tuple[int, FrameSource]]:
+        """Every byte input with its job-wide key; a frame source as itself, to be read frame by frame."""
+        several = len(self.sources) > 1
+        for index, (location, source) in enumerate(zip(self.inputs, self.sources)):
+            if isinstance(source, FrameSource):
+                yield index, source
+                continue
+            for item in source.scan():
+                key = job_key(location, item.key, several)
+                if key not in self.done:
+                    yield index, item, key
+
+    def _reset_slots(self, generation: int) -> None:
+        """Write the slots of ``generation`` from now on (at start, and after the inference process died)."""
+        self.generation = generation
+        self.mine = self.plan.slot_range(self.producer, generation)
+        self.free: deque[int] = deque(self.mine)
+
+    # ---- the loop
+
+    def _loop(self) -> None:
+        while not self.stopped():
+            self._take_releases()
+            self._take_results()
+            self._fail(self.inflight.sweep(time.monotonic()))
+            progressed = self._feed()
+            if (self.exhausted or self.draining) and not self.inflight:
+                endless = any(s.endless for s in self.sources)
+                transport.send(self.records, End(complete=self.exhausted or endless))
+                logger.info("end: %d inputs fed%s", self.emitted, "" if self.exhausted else " (drained early)")
+                self.wait_for_stop()
+                return
+            if not progressed:
+                self._wait()
+
+    def _on_control(self, msg: object) -> None:
+        if isinstance(msg, Drain):
+            self.draining = True
+        elif isinstance(msg, Lost):
+            failed = self.inflight.lost(set(msg.dead), msg.everything, time.monotonic())
+            for producer, generation in msg.generations:
+                if producer == self.producer:
+                    self._reset_slots(generation)
+            self._fail(failed)
+
+    def _wait(self) -> None:
+        """Sleep until a socket has something for us (or a frame source may have a frame)."""
+        poller = zmq.Poller()
+        for sock in (self.results, self.control) + ((self.release,) if self.producer >= 0 else ()):
+            poller.register(sock, zmq.POLLIN)
+        if self.work is not None and self._wants_decoder():
+            poller.register(self.work, zmq.POLLOUT)
+        reading_frames = self.frame_source is not None and self.free and not self.draining
+        poller.poll(0 if reading_frames else 100)
+
+    def _wants_decoder(self) -> bool:
+        return self.inflight.has_outbox() or (not self.draining and not self.exhausted
+                                              and self.frame_source is None)
+
+    def _writable(self) -> bool:
+        return self.work is not None and bool(self.work.get(zmq.EVENTS) & zmq.POLLOUT)
+
+    def _feed(self) -> bool:
+        """Send what can be sent without blocking: inputs sent again first, then new ones."""
+        progressed = False
+        while self.inflight.has_outbox() and self._writable():
+            entry = self.inflight.peek()
+            assert entry is not None
+            index, item = entry.payload
+            try:
+                with self.busy():
+                    data = self.sources[index].read(item)
+            except ReadError as exc:
+                self.inflight.complete(entry.ticket)
+                self._forward([Record.failure(entry.key, entry.source, self.plan.model_name, exc, entry.t0)])
+                continue
+            self._send_work(entry, data)
+            progressed = True
+        while not (self.draining or self.exhausted) and not self.inflight.has_outbox():
+            if self.frame_source is not None:
+                if not self._read_frame():
+                    return progressed
+            else:
+                if self.next_item is None:
+                    nxt = next(self.scan, None)
+                    if nxt is None:
+                        self._exhaust()
+                        break
+                    if isinstance(nxt[1], FrameSource):
+                        self.frame_source = nxt  # type: ignore[assignment]
+                        continue
+                    self.next_item = nxt  # type: ignore[assignment]
+                if not self._writable():
+                    break
+                self._read_and_send(*self.next_item)  # type: ignore[misc]
+                self.next_item = None
+            progressed = True
+        return progressed
+
+    def _exhaust(self) -> None:
+        self.exhausted = True
+        transport.send(self.records, ScanDone(self.emitted))
+
+    def _read_and_send(self, index: int, item: SourceItem, key: str) -> None:
+        t0 = time.time()
+        self.emitted += 1
+        self.items = self.emitted
+        try:
+            with self.busy():
+                data = self.sources[index].read(item)  # raises ReadError for missing or empty inputs
+        except ReadError as exc:
+            self._forward([Record.failure(key, item.source, self.plan.model_name, exc, t0)])
+            return
+        self._send_work(self.inflight.add(key, item.source, t0, payload=(index, item)), data)
+
+    def _send_work(self, entry: Entry, data: bytes | memoryview) -> None:
+        assert self.work is not None
+        transport.send(self.work, WorkItem(entry.ticket, entry.key, entry.source, entry.t0, entry.attempts), data,
+                       zmq.NOBLOCK)  # POLLOUT was checked: this cannot block
+        self.inflight.sent(entry, time.monotonic())
+
+    def _read_frame(self) -> bool:
+        """Read one frame into a free slot and hand it to inference; False if none could be read now."""
+        assert self.frame_source is not None and self.pool is not None
+        index, source = self.frame_source
+        if not self.free:
+            return False
+        slot = self.free[0]
+        with self.busy():
+            info = source.read_into(self.pool.frame(slot), FRAME_WAIT_S)
+        if info is None:
+            if source.ended:
+                self.frame_source = None  # on to the next input
+                return True
+            return False
+        t0 = time.time()
+        self.free.popleft()
+        key = job_key(self.inputs[index], info.key, len(self.sources) > 1)
+        if key in self.done:
+            self.free.append(slot)
+            return True
+        self.emitted += 1
+        self.items = self.emitted
+        entry = self.inflight.add(key, info.source, t0, queue=False)
+        self.inflight.sent(entry, time.monotonic(), holder=(self.producer, self.generation))
+        transport.send(self.decoded, Decoded(entry.ticket, key, info.source, slot, info.width, info.height, t0,
+                                             self.producer, self.generation))
+        return True
+
+    # ---- what comes back
+
+    def _take_releases(self) -> None:
+        if self.producer < 0:
+            return
+        while True:
+            try:
+                msg, _ = transport.recv(self.release, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            assert isinstance(msg, Release)
+            self.free.extend(s for s in msg.slots if s in self.mine)  # a reset left the old half behind
+
+    def _take_results(self) -> None:
+        while True:
+            try:
+                msg, _ = transport.recv(self.results, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if isinstance(msg, Taken):
+                self.inflight.taken(msg.tickets, (msg.producer, msg.generation))
+            elif isinstance(msg, Results):
+                self._forward([r for t, r in zip(msg.tickets, msg.records) if self.inflight.complete(t)])
+
+    def _fail(self, entries: list[Entry]) -> None:
+        """Error records for inputs whose workers died with them once too often."""
+        records = []
+        for entry in entries:
+            why = ("the worker process holding this input died twice" if entry.payload is not None else
+                   "the inference process died while this frame was in flight (a frame cannot be read again)")
+            records.append(Record.failure(entry.key, entry.source, self.plan.model_name, StageError(why), entry.t0))
+        self._forward(records)
+
+    def _forward(self, records: list[Record]) -> None:
+        if records:
+            transport.send(self.records, Records(tuple(records)))
+
+    def _shutdown(self) -> None:
+        for source in getattr(self, "sources", []):
+            source.shutdown()
