@@ -145,6 +145,45 @@ def in_threads(fn: Callable[[int], None], n: int, timeout: float = 180) -> list[
     return errors
 
 
+def children_of(pid: int) -> dict[int, str]:
+    """pid -> command line of the live processes whose parent is ``pid``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            state = stat.rsplit(")", 1)[1].split()[0]
+            if ppid == pid and state != "Z":
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def count_lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def segments_of(pid: int) -> list[str]:
+    """Shared-memory files named after ``pid`` (the pool is a nameless memfd: there should be none)."""
+    from wanwu.pipeline.topology.shm import shm_dir
+
+    return [p.name for p in shm_dir().glob(f"wanwu-{pid}-*")]
+
+
+def proc_state(pid: int) -> str:
+    """The state letter of ``pid`` in /proc ("Z" when it is gone or a zombie)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
 def wanwu_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "wanwu", *args]
 

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_corpus, run_wanwu, wanwu_cmd
-from wanwu.pipeline.topology.shm import shm_dir
+from conftest import children_of, count_lines, make_corpus, proc_state, run_wanwu, segments_of, wanwu_cmd
 from wanwu.stages.sinks.base import read_records
 
 pytestmark = pytest.mark.slow
@@ -24,30 +23,6 @@ N_IMAGES = 160
 def corpus(tmp_path_factory, photos) -> tuple[Path, list[str]]:
     folder = tmp_path_factory.mktemp("corpus")
     return folder, make_corpus(folder, photos, N_IMAGES)
-
-
-def children_of(pid: int) -> dict[int, str]:
-    """pid -> command line of the live processes whose parent is ``pid``."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            state = stat.rsplit(")", 1)[1].split()[0]
-            if ppid == pid and state != "Z":
-                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
-def count_lines(path: Path) -> int:
-    try:
-        return path.read_bytes().count(b"\n")
-    except FileNotFoundError:
-        return 0
 
 
 def start(folder: Path, out: Path, *extra: str) -> subprocess.Popen:
@@ -64,10 +39,6 @@ def wait_for_records(proc: subprocess.Popen, out: Path, n: int, timeout_s: float
         assert proc.poll() is None, f"job ended early: {proc.communicate()}"
         assert time.monotonic() < deadline, "no progress"
         time.sleep(0.05)
-
-
-def segments_of(pid: int) -> list[str]:
-    return [p.name for p in shm_dir().glob(f"wanwu-{pid}-*")]
 
 
 def assert_exactly_once(out: Path, keys: list[str]) -> None:
@@ -120,19 +91,12 @@ def test_kill_9_of_the_owner_leaves_no_orphans(corpus, tmp_path):
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 10
-    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in workers):
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in proc_state(pid) for pid in workers):
         assert time.monotonic() < deadline, "workers outlived their owner"
         time.sleep(0.1)
     again = run_wanwu("run", str(folder), "--out", str(out), "--progress", "none")
     assert again.returncode == 0, again.stderr
     assert_exactly_once(out, keys)
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "Z"
 
 
 def test_ctrl_c_stops_cleanly_and_resumes(corpus, tmp_path):
@@ -145,7 +109,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(corpus, tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr
-    assert not any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in workers)
+    assert not any(Path(f"/proc/{pid}").exists() and proc_state(pid) != "Z" for pid in workers)
     assert segments_of(proc.pid) == []
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"wanwu-job-{proc.pid}-*"))
     again = run_wanwu("run", str(folder), "--out", str(out), "--progress", "none")

@@ -57,7 +57,7 @@ def require_match(producer: str, produced: FrameSpec, consumer: str, consumed: F
     if produced != consumed:
         differ = [name for name in ("shape", "dtype", "layout", "device")
                   if getattr(produced, name) != getattr(consumed, name)]
-        raise PlanError(f"{producer} produces {produced.describe()} frames, but {consumer} takes "
+        raise PlanError(f"{producer} produces frames of {produced.describe()}, but {consumer} takes "
                         f"{consumed.describe()} (they differ in {', '.join(differ)})")
 
 

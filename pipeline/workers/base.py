@@ -174,7 +174,7 @@ class Worker(ABC):
 def spawn(spec: WorkerSpec) -> subprocess.Popen:
     """Start the worker process for ``spec`` (its role and index in argv, so `ps` tells them apart)."""
     proc = subprocess.Popen([sys.executable, "-m", "wanwu.pipeline.workers", spec.role, str(spec.index)],
-                            stdin=subprocess.PIPE, pass_fds=(spec.pool_fd,))
+                            stdin=subprocess.PIPE, pass_fds=(spec.pool_fd,) if spec.uses_pool else ())
     assert proc.stdin is not None
     proc.stdin.write(pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL))
     proc.stdin.close()
