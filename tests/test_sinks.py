@@ -61,8 +61,8 @@ def test_round_trip_keeps_fields_order_and_types(tmp_path: Path, kind: str) -> N
     assert done == set()
     written = [record("猫 chelsea.jpg"), error_record("子目录/坏.jpg"), record("c.jpg", "咖啡")]
     sink.write(written)
-    sink.close()
-    sink.close()  # safe twice
+    sink.shutdown()
+    sink.shutdown()  # safe twice
     back = read_records(str(path))
     assert back == written
     assert all(list(r) == list(RECORD_FIELDS) for r in back)
@@ -76,7 +76,7 @@ def test_numpy_values_and_missing_fields_are_normalised(tmp_path: Path, kind: st
     rec["labels"][1]["class_id"] = np.int64(285)
     rec["width"], rec["elapsed_ms"] = np.int64(451), 3  # an int time comes back a float
     sink.write([rec, {"key": "bare.jpg", "extra": "dropped"}])
-    sink.close()
+    sink.shutdown()
     back = read_records(str(path))
     assert back[0]["labels"][0]["score"] == 0.5 and back[0]["labels"][1]["class_id"] == 285
     assert back[0]["width"] == 451 and back[0]["elapsed_ms"] == 3.0
@@ -88,7 +88,7 @@ def test_jsonl_bytes_are_utf8_with_chinese_unescaped(tmp_path: Path) -> None:
     path = tmp_path / "r.jsonl"
     sink, _ = opened(path)
     sink.write([record("猫.jpg")])
-    sink.close()
+    sink.shutdown()
     raw = path.read_bytes()
     assert "虎斑猫".encode("utf-8") in raw and b"\\u" not in raw
     lines = raw.split(b"\n")
@@ -102,11 +102,11 @@ def test_reopen_returns_done_keys_and_never_doubles(tmp_path: Path, kind: str) -
     sink, _ = opened(path)
     sink.write([record("a.jpg"), record("b.jpg"), record("a.jpg", "重复")])  # repeat in a batch
     sink.write([record("b.jpg", "重复")])  # repeat across batches
-    sink.close()
+    sink.shutdown()
     sink, done = opened(path)
     assert done == {"a.jpg", "b.jpg"}
     sink.write([record("a.jpg", "重复"), record("c.jpg")])  # repeat across runs
-    sink.close()
+    sink.shutdown()
     back = read_records(str(path))
     assert [r["key"] for r in back] == ["a.jpg", "b.jpg", "c.jpg"]
     assert all(r["labels"][0]["label"] == "虎斑猫" for r in back)  # the first record wins
@@ -119,7 +119,7 @@ def test_jsonl_torn_tail_is_cut_off_on_open(tmp_path: Path, tail: bytes) -> None
     path = tmp_path / "r.jsonl"
     sink, _ = opened(path)
     sink.write([record("a.jpg"), record("b.jpg")])
-    sink.close()
+    sink.shutdown()
     good = path.read_bytes()
     with open(path, "ab") as f:
         f.write(tail)  # what a kill in the middle of a write (or a power cut) leaves
@@ -128,7 +128,7 @@ def test_jsonl_torn_tail_is_cut_off_on_open(tmp_path: Path, tail: bytes) -> None
     assert done == {"a.jpg", "b.jpg"}
     assert path.read_bytes() == good
     sink.write([record("c.jpg")])
-    sink.close()
+    sink.shutdown()
     assert [r["key"] for r in read_records(str(path))] == ["a.jpg", "b.jpg", "c.jpg"]
 
 
@@ -145,7 +145,7 @@ def test_jsonl_second_writer_is_refused(tmp_path: Path) -> None:
     first, _ = opened(tmp_path / "r.jsonl")
     with pytest.raises(SinkError, match="another process"):
         JsonlSink(str(tmp_path / "r.jsonl")).open()
-    first.close()
+    first.shutdown()
     JsonlSink(str(tmp_path / "r.jsonl")).open()
 
 
@@ -153,7 +153,7 @@ def test_jsonl_fsync_option(tmp_path: Path) -> None:
     sink = JsonlSink(str(tmp_path / "new" / "r.jsonl"), fsync=True)
     assert sink.open() == set()
     sink.write([record("a.jpg")])
-    sink.close()
+    sink.shutdown()
     assert [r["key"] for r in JsonlSink.read_records(str(tmp_path / "new" / "r.jsonl"))] == ["a.jpg"]
 
 
@@ -178,7 +178,7 @@ def test_sqlite_is_wal_with_a_unique_key_and_a_top_label(tmp_path: Path) -> None
             conn.execute("INSERT INTO results (key) VALUES ('a.jpg')")
     finally:
         conn.close()
-        sink.close()
+        sink.shutdown()
 
 
 def test_sqlite_refuses_a_foreign_database(tmp_path: Path) -> None:
@@ -212,7 +212,7 @@ def test_records_survive_sigkill_right_after_write(tmp_path: Path, kind: str) ->
     assert proc.returncode == -9
     sink, done = opened(path)
     assert done == {f"{b}-{i}.jpg" for b in range(3) for i in range(100)}
-    sink.close()
+    sink.shutdown()
     assert len(read_records(str(path))) == 300
 
 
@@ -222,8 +222,37 @@ def test_open_counts_the_error_records_already_written(tmp_path: Path, kind: str
     sink, _ = opened(path)
     assert sink.prior_errors == 0
     sink.write([record("a.jpg"), error_record("b.jpg"), error_record("c.jpg"), error_record("b.jpg")])
-    sink.close()
+    sink.shutdown()
     sink, done = opened(path)
     assert done == {"a.jpg", "b.jpg", "c.jpg"}
     assert sink.prior_errors == 2
-    sink.close()
+    sink.shutdown()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_record_objects_are_written_as_their_fields(tmp_path: Path, kind: str) -> None:
+    from wanwu.records import Record
+
+    path = out_path(tmp_path, kind)
+    sink, _ = opened(path)
+    sink.write([Record("a.jpg", "photos", 451, 300, record("a.jpg")["labels"], "efficientnet_lite0", 12.5),
+                Record.failure("b.jpg", "photos", "efficientnet_lite0", SinkError("x"), 0.0, now=0.5)])
+    sink.shutdown()
+    back = read_records(str(path))
+    assert back[0] == record("a.jpg") | {"source": "photos"}
+    assert back[1]["error"] == {"type": "SinkError", "message": "x"} and back[1]["elapsed_ms"] == 500.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_without_a_ledger_no_keys_are_returned_or_held(tmp_path: Path, kind: str) -> None:
+    path = out_path(tmp_path, kind)
+    sink, _ = opened(path)
+    sink.write([record("a.jpg"), error_record("b.jpg")])
+    sink.shutdown()
+    log = create_sink(str(path))
+    assert log.open(ledger=False) == set() and log.prior_errors == 1
+    if kind == "jsonl":
+        assert log._keys is None  # an endless stream's log holds no set of keys in memory
+    log.write([record("c.jpg"), record("c.jpg")])  # repeats within one write are still dropped
+    log.shutdown()
+    assert [r["key"] for r in read_records(str(path))] == ["a.jpg", "b.jpg", "c.jpg"]

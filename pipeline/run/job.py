@@ -122,7 +122,7 @@ class Job:
         endless = any(s.endless for s in sources)
         sink = create_sink(cfg.out)
         done = sink.open(ledger=not endless)  # repairs a torn tail left by a crash
-        sink.close()
+        sink.shutdown()
         self.result.skipped, self.result.prior_errors = len(done), sink.prior_errors
         roles = [("sink", 0), ("inference", 0)] + [("decoder", i) for i in range(plan.decoders)] + [("loader", 0)]
         handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}

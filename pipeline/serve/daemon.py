@@ -43,7 +43,7 @@ class SinkWriter:
 
     def close(self) -> None:
         with self._lock:
-            self.sink.close()
+            self.sink.shutdown()
 
 
 class Daemon:
@@ -154,5 +154,5 @@ class Daemon:
                 logger.exception("stopping %s failed", type(door).__name__)
         self.backend.shutdown()
         if self.sink is not None:
-            self.sink.close()
+            self.sink.shutdown()
         self.metrics.shutdown()

@@ -84,4 +84,4 @@ class SinkWorker(Worker):
             batch = self._drain()
             if batch:
                 self._write(batch)
-            self.sink.close()
+            self.sink.shutdown()

@@ -47,13 +47,13 @@ class Sink(ABC):
     def write(self, records: Iterable[Writable]) -> None:
         """Append records durably (flushed to the OS before returning)."""
 
-    def close(self) -> None:
-        """Flush and close. Safe to call twice."""
+    def shutdown(self) -> None:
+        """Flush and close the output. Safe to call twice."""
         if not self._closed:
             self._closed = True
-            self._close()
+            self._shutdown()
 
-    def _close(self) -> None:
+    def _shutdown(self) -> None:
         """Hook for subclasses holding resources."""
 
     @classmethod

@@ -117,7 +117,7 @@ class JsonlSink(Sink):
         except OSError as exc:
             self._broken = f"a failed write could not be cut back ({exc}); reopen to repair"
 
-    def _close(self) -> None:
+    def _shutdown(self) -> None:
         if self._file is not None:
             try:
                 if self.fsync:

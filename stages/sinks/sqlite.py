@@ -106,7 +106,7 @@ class SqliteSink(Sink):
                 self._conn.execute("ROLLBACK")
             raise SinkError(f"cannot write {len(rows)} records to {self.path!r}: {exc}") from exc
 
-    def _close(self) -> None:
+    def _shutdown(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
