@@ -109,8 +109,10 @@ class JobConfig(PipelineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.progress not in ("auto", "bar", "log", "none"):
-            raise ConfigError(f"--progress must be auto, bar, log or none, got {self.progress!r}")
+        from wanwu.pipeline.run.progress import MODES
+
+        if self.progress not in MODES:
+            raise ConfigError(f"--progress must be one of {', '.join(MODES)}, got {self.progress!r}")
         _check_distinct(self.inputs)
 
 

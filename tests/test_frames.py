@@ -89,3 +89,35 @@ def test_an_endless_frame_source_stopped_by_sigterm_has_one_record_per_frame(tmp
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
     assert _pool_mappers(proc.pid) == [] and segments_of(proc.pid) == []
     assert not list(Path(tempfile.gettempdir()).glob(f"wanwu-job-{proc.pid}-*"))
+
+
+def test_frames_in_flight_when_inference_dies_get_error_records_and_the_stream_goes_on(tmp_path: Path):
+    from wanwu.stages.sinks.base import read_records
+
+    out = tmp_path / "frames.jsonl"
+    proc = subprocess.Popen(wanwu_cmd("run", "testsrc:", "--out", str(out), "--progress", "none",
+                                      "--batch-size", "8"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while (len(read_records(str(out))) if out.exists() else 0) < 40:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        (inference,) = [pid for pid, cmd in children_of(proc.pid).items() if "workers inference" in cmd]
+        os.kill(inference, signal.SIGKILL)
+        before = len(read_records(str(out)))
+        while len(read_records(str(out))) < before + 40:  # the replacement recognises new frames
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 3, stderr  # finished, with error records for the frames that were lost
+    records = read_records(str(out))
+    keys = [r["key"] for r in records]
+    assert sorted(keys) == [f"testsrc/{i:09d}" for i in range(len(keys))]  # still one record per frame
+    lost = [r for r in records if r["error"] is not None]
+    assert lost and all("inference process died" in r["error"]["message"] for r in lost)
+    assert len(lost) < len(records) // 2

@@ -20,6 +20,7 @@ from wanwu.pipeline.cli.models import add_models_parser
 from wanwu.pipeline.cli.options import add_stage_options, model_options, pipeline_fields, positive_int
 from wanwu.pipeline.cli.serve import add_serve_parser
 from wanwu.pipeline.config import JobConfig
+from wanwu.pipeline.run.progress import MODES as PROGRESS_MODES
 
 logger = logging.getLogger("wanwu")
 
@@ -39,7 +40,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                         "or testsrc: (generated frames; see the README)")
     p.add_argument("--out", "-o", required=True,
                    help="results.jsonl or results.sqlite; also the resume ledger")
-    p.add_argument("--progress", default="auto", choices=["auto", "bar", "log", "none"],
+    p.add_argument("--progress", default="auto", choices=PROGRESS_MODES,
                    help="bar on a terminal, log lines otherwise")
     p.add_argument("--stats-json", metavar="PATH", default=None,
                    help="also write the job's counts and timings as JSON")

@@ -13,6 +13,8 @@ from typing import Any
 
 from wanwu.errors import ConfigError, ModelError
 from wanwu.pipeline.cli.options import MODEL_HELP, add_model_options, model_options
+from wanwu.stages.engines.base import ENGINES
+from wanwu.stages.models.check import ENGINE_ORDER
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +63,7 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     chk.add_argument("--images", type=int, default=300, help="photos to compare on")
     chk.add_argument("--photos", default="", help="a folder of your photos (default: a corpus built from "
                                                   "scikit-image's real photos, as `wanwu bench` uses)")
-    chk.add_argument("--engines", nargs="+", default=["openvino", "torch", "onnxruntime"],
-                     choices=["openvino", "torch", "onnxruntime"])
+    chk.add_argument("--engines", nargs="+", default=list(ENGINE_ORDER), choices=ENGINES.names())
     chk.add_argument("--batch-size", type=int, default=32)
     chk.add_argument("--json", default="", metavar="PATH", help="also write the figures as JSON")
     chk.add_argument("--min-agreement", type=float, default=0.0,

@@ -6,6 +6,8 @@ import sys
 import time
 from typing import TextIO
 
+MODES = ("auto", "bar", "log", "none")
+
 
 def _fmt_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))

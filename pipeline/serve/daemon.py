@@ -41,7 +41,8 @@ class SinkWriter:
             with self._lock:
                 self.sink.write(records)
 
-    def close(self) -> None:
+    def shutdown(self) -> None:
+        """Flush and close the sink. Safe to call twice."""
         with self._lock:
             self.sink.shutdown()
 

@@ -296,11 +296,7 @@ class PipelineBackend:
                 self._inflight.sent(entry, time.monotonic())
 
     def _take_results(self, sock: zmq.Socket) -> None:
-        while True:
-            try:
-                msg, _ = transport.recv(sock, zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for msg in transport.waiting(sock):
             if isinstance(msg, Taken):
                 with self._lock:
                     self._inflight.taken(msg.tickets, (msg.producer, msg.generation))

@@ -192,11 +192,7 @@ class Topology:
 
     def _read_events(self) -> list[Event]:
         events = []
-        while True:
-            try:
-                event, _ = transport.recv(self.events_socket, zmq.NOBLOCK)
-            except zmq.Again:
-                return events
+        for event in transport.waiting(self.events_socket):
             position = self.positions.get(event.stage)
             if position is not None and position.proc is not None and event.pid == position.proc.pid:
                 if event.kind is EventKind.READY:
@@ -206,6 +202,7 @@ class Topology:
                     position.fatal = f"{event.data['type']}: {event.data['message']}"
                     logger.error("%s failed:\n%s", event.stage, event.data.get("traceback", ""))
             events.append(event)
+        return events
 
     def supervise(self) -> Restart | None:
         """Restart dead workers whose delay is over; tell the feeder (``Lost``).

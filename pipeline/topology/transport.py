@@ -13,9 +13,11 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import zmq
 
+from wanwu.pipeline.topology.messages import dumps, loads
 from wanwu.pipeline.topology.shm import pid_alive
 
 JOB_DIR_PREFIX = "wanwu-job-"
@@ -88,8 +90,6 @@ def socket(ctx: zmq.Context, kind: int, addr: str, *, bind: bool, hwm: int = 100
 
 def send(sock: zmq.Socket, msg: object, payload: bytes | memoryview | None = None, flags: int = 0) -> None:
     """Send a pickled message, followed by a raw payload frame if given."""
-    from wanwu.pipeline.topology.messages import dumps
-
     if payload is None:
         sock.send(dumps(msg), flags)
     else:
@@ -98,10 +98,18 @@ def send(sock: zmq.Socket, msg: object, payload: bytes | memoryview | None = Non
 
 def recv(sock: zmq.Socket, flags: int = 0) -> tuple[object, zmq.Frame | None]:
     """Receive ``(message, payload frame or None)``."""
-    from wanwu.pipeline.topology.messages import loads
-
     frames = sock.recv_multipart(flags, copy=False)
     return loads(frames[0].buffer), (frames[1] if len(frames) > 1 else None)
+
+
+def waiting(sock: zmq.Socket) -> Iterator[object]:
+    """The messages already waiting on ``sock``, without blocking (payload frames dropped)."""
+    while True:
+        try:
+            msg, _ = recv(sock, zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        yield msg
 
 
 class Waker:

@@ -12,7 +12,6 @@ batch of its own: if it kills this decoder too, it alone is blamed.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from typing import Iterator
 
 import zmq
@@ -20,8 +19,9 @@ import zmq
 from wanwu.errors import InputError
 from wanwu.records import Record
 from wanwu.pipeline.topology import transport
-from wanwu.pipeline.topology.messages import Decoded, Release, Results, Taken, WorkItem
+from wanwu.pipeline.topology.messages import Decoded, Results, Taken, WorkItem
 from wanwu.pipeline.workers.base import Worker
+from wanwu.pipeline.workers.slots import ProducerSlots
 from wanwu.stages.decoders.base import create_decoder
 
 logger = logging.getLogger(__name__)
@@ -35,8 +35,7 @@ class DecoderWorker(Worker):
     def _setup(self) -> None:
         ep = self.spec.endpoints
         self.producer = self.spec.producer
-        self.mine = self.plan.slot_range(self.producer, self.spec.generation)
-        self.free: deque[int] = deque(self.mine)
+        self.slots = ProducerSlots(self.plan, self.producer, self.spec.generation)
         self.work = transport.socket(self.ctx, zmq.PULL, ep.work, bind=False, hwm=2)
         self.release = transport.socket(self.ctx, zmq.PULL, ep.release(self.producer), bind=True)
         self.decoded = transport.socket(self.ctx, zmq.PUSH, ep.decoded, bind=False)
@@ -48,30 +47,21 @@ class DecoderWorker(Worker):
         poller.register(self.release, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
         while not self.stopped():
-            self._take_releases()
-            if self.free:
+            self.slots.take_releases(self.release)
+            free = bool(self.slots)
+            if free:
                 poller.register(self.work, zmq.POLLIN)
             ready = dict(poller.poll(200))
-            if self.free:
+            if free:
                 poller.unregister(self.work)
             if ready.get(self.work):
                 self._decode_available()
-
-    def _take_releases(self) -> None:
-        while True:
-            try:
-                msg, _ = transport.recv(self.release, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            assert isinstance(msg, Release)
-            # A predecessor's slots may still come back after a restart: not ours to reuse.
-            self.free.extend(s for s in msg.slots if s in self.mine)
 
     def _decode_available(self) -> None:
         """Decode as many queued items as there are free slots: first attempts as one batch,
         items sent again one by one."""
         items: list[Item] = []
-        while len(items) < len(self.free):
+        while len(items) < len(self.slots):
             try:
                 msg, payload = transport.recv(self.work, zmq.NOBLOCK)
             except zmq.Again:
@@ -84,7 +74,7 @@ class DecoderWorker(Worker):
     def _decode_group(self, group: list[Item]) -> None:
         transport.send(self.results, Taken(tuple(item.ticket for item, _ in group), self.producer,
                                            self.spec.generation))
-        slots = [self.free.popleft() for _ in group]
+        slots = [self.slots.take() for _ in group]
         assert self.pool is not None
         with self.busy():
             outcomes = self.decoder.decode_batch_into([payload.buffer for _, payload in group],
@@ -92,7 +82,7 @@ class DecoderWorker(Worker):
         tickets, errors = [], []
         for (item, _), slot, outcome in zip(group, slots, outcomes):
             if isinstance(outcome, InputError):
-                self.free.append(slot)
+                self.slots.give_back(slot)
                 tickets.append(item.ticket)
                 errors.append(Record.failure(item.key, item.source, self.plan.model_name, outcome, item.t0))
             else:

@@ -61,17 +61,14 @@ class InferenceWorker(Worker):
     def _drain(self) -> list[Decoded]:
         """Waiting messages, minus those of producers that have since moved on a generation."""
         out = []
-        while True:
-            try:
-                msg, _ = transport.recv(self.decoded, zmq.NOBLOCK)
-            except zmq.Again:
-                return [m for m in out if m.generation >= self.generation.get(m.producer, 0)]
+        for msg in transport.waiting(self.decoded):
             assert isinstance(msg, Decoded)
             # A newer incarnation of a producer means its predecessor died (or was reset): the
             # frames it had handed over may sit in slots its successor reuses two generations
             # on, and the feeder sends them again anyway. Never read them.
             self.generation[msg.producer] = max(self.generation.get(msg.producer, 0), msg.generation)
             out.append(msg)
+        return [m for m in out if m.generation >= self.generation.get(m.producer, 0)]
 
     def _run_batch(self, items: list[Decoded], waited_s: float) -> None:
         assert self.pool is not None

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import pickle
 import time
-from collections import deque
 from typing import Iterator
 
 import zmq
@@ -25,9 +24,9 @@ import zmq
 from wanwu.errors import ReadError, StageError
 from wanwu.pipeline.topology import transport
 from wanwu.pipeline.topology.inflight import Entry, InFlight
-from wanwu.pipeline.topology.messages import (Decoded, Drain, End, Lost, Records, Release, Results, ScanDone,
-                                              Taken, WorkItem)
+from wanwu.pipeline.topology.messages import Decoded, Drain, End, Lost, Records, Results, ScanDone, Taken, WorkItem
 from wanwu.pipeline.workers.base import Worker
+from wanwu.pipeline.workers.slots import ProducerSlots
 from wanwu.records import Record
 from wanwu.stages.sources.base import FrameSource, Source, SourceItem, job_key
 
@@ -53,7 +52,7 @@ class LoaderWorker(Worker):
         if self.producer >= 0:
             self.release = transport.socket(self.ctx, zmq.PULL, ep.release(self.producer), bind=True)
             self.decoded = transport.socket(self.ctx, zmq.PUSH, ep.decoded, bind=False)
-            self._reset_slots(self.spec.generation)
+            self.slots = ProducerSlots(self.plan, self.producer, self.spec.generation)
         with open(self.spec.done_keys_path, "rb") as f:
             self.done: set[str] = pickle.load(f)
         self.inflight = InFlight()
@@ -77,17 +76,12 @@ class LoaderWorker(Worker):
                 if key not in self.done:
                     yield index, item, key
 
-    def _reset_slots(self, generation: int) -> None:
-        """Write the slots of ``generation`` from now on (at start, and after the inference process died)."""
-        self.generation = generation
-        self.mine = self.plan.slot_range(self.producer, generation)
-        self.free: deque[int] = deque(self.mine)
-
     # ---- the loop
 
     def _loop(self) -> None:
         while not self.stopped():
-            self._take_releases()
+            if self.producer >= 0:
+                self.slots.take_releases(self.release)
             self._take_results()
             self._fail(self.inflight.sweep(time.monotonic()))
             progressed = self._feed()
@@ -106,8 +100,8 @@ class LoaderWorker(Worker):
         elif isinstance(msg, Lost):
             failed = self.inflight.lost(set(msg.dead), msg.everything, time.monotonic())
             for producer, generation in msg.generations:
-                if producer == self.producer:
-                    self._reset_slots(generation)
+                if producer == self.producer:  # the inference process died with our slots' releases
+                    self.slots.reset(generation)
             self._fail(failed)
 
     def _wait(self) -> None:
@@ -117,7 +111,7 @@ class LoaderWorker(Worker):
             poller.register(sock, zmq.POLLIN)
         if self.work is not None and self._wants_decoder():
             poller.register(self.work, zmq.POLLOUT)
-        reading_frames = self.frame_source is not None and self.free and not self.draining
+        reading_frames = self.frame_source is not None and bool(self.slots) and not self.draining
         poller.poll(0 if reading_frames else 100)
 
     def _wants_decoder(self) -> bool:
@@ -190,49 +184,34 @@ class LoaderWorker(Worker):
         """Read one frame into a free slot and hand it to inference; False if none could be read now."""
         assert self.frame_source is not None and self.pool is not None
         index, source = self.frame_source
-        if not self.free:
+        if not self.slots:
             return False
-        slot = self.free[0]
+        slot = self.slots.take()
         with self.busy():
             info = source.read_into(self.pool.frame(slot), FRAME_WAIT_S)
         if info is None:
-            if source.ended:
-                self.frame_source = None  # on to the next input
-                return True
-            return False
+            self.slots.give_back(slot)
+            if not source.ended:
+                return False
+            self.frame_source = None  # on to the next input
+            return True
         t0 = time.time()
-        self.free.popleft()
         key = job_key(self.inputs[index], info.key, len(self.sources) > 1)
         if key in self.done:
-            self.free.append(slot)
+            self.slots.give_back(slot)
             return True
         self.emitted += 1
         self.items = self.emitted
         entry = self.inflight.add(key, info.source, t0, queue=False)
-        self.inflight.sent(entry, time.monotonic(), holder=(self.producer, self.generation))
+        self.inflight.sent(entry, time.monotonic(), holder=(self.producer, self.slots.generation))
         transport.send(self.decoded, Decoded(entry.ticket, key, info.source, slot, info.width, info.height, t0,
-                                             self.producer, self.generation))
+                                             self.producer, self.slots.generation))
         return True
 
     # ---- what comes back
 
-    def _take_releases(self) -> None:
-        if self.producer < 0:
-            return
-        while True:
-            try:
-                msg, _ = transport.recv(self.release, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            assert isinstance(msg, Release)
-            self.free.extend(s for s in msg.slots if s in self.mine)  # a reset left the old half behind
-
     def _take_results(self) -> None:
-        while True:
-            try:
-                msg, _ = transport.recv(self.results, zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for msg in transport.waiting(self.results):
             if isinstance(msg, Taken):
                 self.inflight.taken(msg.tickets, (msg.producer, msg.generation))
             elif isinstance(msg, Results):

@@ -39,17 +39,14 @@ class SinkWorker(Worker):
     def _drain(self) -> list[Record]:
         """Every record waiting on the socket (noting ScanDone and End on the way)."""
         batch: list[Record] = []
-        while self.end is None:
-            try:
-                msg, _ = transport.recv(self.records, zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        for msg in transport.waiting(self.records):
             if isinstance(msg, Records):
                 batch.extend(msg.records)
             elif isinstance(msg, ScanDone):
                 self.total = msg.total
             elif isinstance(msg, End):
-                self.end = msg
+                self.end = msg  # nothing follows it
+                break
         return batch
 
     def _write(self, batch: list[Record]) -> None:
