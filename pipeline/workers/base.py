@@ -20,7 +20,7 @@ import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import zmq
 
@@ -79,8 +79,6 @@ class WorkerSpec:
 
 class Worker(ABC):
     """Base of the worker processes. ``run`` is fixed; roles implement ``_setup`` and ``_loop``."""
-
-    stage: ClassVar[str] = "worker"
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec

@@ -30,7 +30,7 @@ Item = tuple[WorkItem, zmq.Frame]
 
 
 class DecoderWorker(Worker):
-    stage = "decoder"
+    """Decodes work items into the slots it owns; see the module docstring."""
 
     def _setup(self) -> None:
         ep = self.spec.endpoints

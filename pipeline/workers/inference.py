@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 class InferenceWorker(Worker):
-    stage = "inference"
+    """Batches decoded slots and runs the classifier stage on them; see the module docstring."""
 
     def _setup(self) -> None:
         ep = self.spec.endpoints

@@ -28,7 +28,7 @@ from wanwu.pipeline.topology.messages import Decoded, Drain, End, Lost, Records,
 from wanwu.pipeline.workers.base import Worker
 from wanwu.pipeline.workers.slots import ProducerSlots
 from wanwu.records import Record
-from wanwu.stages.sources.base import FrameSource, Source, SourceItem, job_key
+from wanwu.stages.sources.base import FrameSource, SourceItem, job_key
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ FRAME_WAIT_S = 0.02  # longest wait for a live source's next frame before lookin
 
 
 class LoaderWorker(Worker):
-    stage = "loader"
+    """The batch job's feeder; see the module docstring."""
 
     def _setup(self) -> None:
         ep = self.spec.endpoints

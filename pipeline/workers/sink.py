@@ -24,7 +24,7 @@ PROGRESS_INTERVAL_S = 0.25
 
 
 class SinkWorker(Worker):
-    stage = "sink"
+    """Writes what the feeder forwards and reports progress; see the module docstring."""
 
     def _setup(self) -> None:
         self.records = transport.socket(self.ctx, zmq.PULL, self.spec.endpoints.records, bind=True)
