@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -182,6 +184,53 @@ def proc_state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "Z"
+
+
+class Served:
+    """A ``wanwu serve`` child process and the addresses it printed."""
+
+    def __init__(self, *args: str, env: dict | None = None, nofile: int = 0) -> None:
+        """Start it with ``args``; ``nofile`` > 0 runs it under that file-descriptor limit."""
+        import resource
+
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+        self.proc = subprocess.Popen(wanwu_cmd("serve", "--http-port", "0", "--metrics-port", "0", *args),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})}, preexec_fn=limit if nofile else None)
+        line = self.proc.stdout.readline()  # the ready line, once the model is loaded
+        if not line:
+            raise AssertionError(f"wanwu serve did not start: {self.proc.stderr.read()[-3000:]}")
+        self.addresses = json.loads(line)
+
+    @property
+    def url(self) -> str:
+        return self.addresses["http"]
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, then the exit status (the test fails if it takes longer than ``timeout``)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self.stderr = self.proc.stderr.read()
+        return code
+
+    def worker_pids(self, role: str) -> list[int]:
+        """Pids of this daemon's workers of ``role`` ("decoder" or "inference")."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == self.proc.pid and b"wanwu.pipeline.workers" in cmd and role.encode() in cmd:
+                pids.append(int(entry.name))
+        return pids
 
 
 def wanwu_cmd(*args: str) -> list[str]:

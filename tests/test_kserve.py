@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import CAT_CLASSES, COFFEE_CLASSES, in_threads, jpeg_bytes, png_bytes
 from wanwu.pipeline.serve.inprocess import InProcessBackend
-from wanwu.pipeline.serve.kserve import KServeHTTPServer
+from wanwu.pipeline.serve.kserve import HttpLimits, KServeHTTPServer
 from wanwu.stages.models.base import get_model_spec
 
 MODEL = "efficientnet_lite0"
@@ -212,7 +212,7 @@ def test_malformed_requests_400(url, doc, message):
 def test_limits_413_and_unknown_model_404(client, backend, images):
     assert status_of(lambda: client.infer(MODEL, [image_input(*[b"x"] * 65)])) == "413"
     assert status_of(lambda: client.infer("resnet50", [image_input(images["chelsea"])])) == "404"
-    server, small_url = _serve(backend, max_request_bytes=100_000)
+    server, small_url = _serve(backend, limits=HttpLimits(max_request_bytes=100_000, max_json_bytes=100_000))
     try:
         big = jpeg_bytes(np.random.default_rng(0).integers(0, 256, (400, 400, 3), np.uint8), quality=95)
         assert len(big) > 100_000

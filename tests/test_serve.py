@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from conftest import CAT_CLASSES, COFFEE_CLASSES, in_threads, jpeg_bytes, make_corpus, png_bytes, wanwu_cmd
+from conftest import CAT_CLASSES, COFFEE_CLASSES, Served, in_threads, jpeg_bytes, make_corpus, png_bytes, wanwu_cmd
 from wanwu.errors import ConfigError, StageError
 from wanwu.pipeline.serve.backend import ServeError
 from wanwu.pipeline.serve.config import ServeConfig
@@ -31,47 +31,6 @@ from wanwu.stages.sinks.base import read_records
 
 MODEL = "efficientnet_lite0"
 ZH = get_model_spec(MODEL).labels().zh
-
-
-class Served:
-    """A ``wanwu serve`` child process and the addresses it printed."""
-
-    def __init__(self, *args: str, env: dict | None = None) -> None:
-        self.proc = subprocess.Popen(wanwu_cmd("serve", "--http-port", "0", "--metrics-port", "0", *args),
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, **(env or {})})
-        line = self.proc.stdout.readline()  # the ready line, once the model is loaded
-        if not line:
-            raise AssertionError(f"wanwu serve did not start: {self.proc.stderr.read()[-3000:]}")
-        self.addresses = json.loads(line)
-
-    @property
-    def url(self) -> str:
-        return self.addresses["http"]
-
-    def stop(self, timeout: float = 60) -> int:
-        """SIGTERM, then the exit status (the test fails if it takes longer than ``timeout``)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
-        self.stderr = self.proc.stderr.read()
-        return code
-
-    def worker_pids(self, role: str) -> list[int]:
-        """Pids of this daemon's workers of ``role`` ("decoder" or "inference")."""
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-                cmd = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == self.proc.pid and b"wanwu.pipeline.workers" in cmd and role.encode() in cmd:
-                pids.append(int(entry.name))
-        return pids
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,13 @@ import dataclasses
 import math
 import tomllib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wanwu.errors import ConfigError
 from wanwu.pipeline.config import PipelineConfig
+
+if TYPE_CHECKING:
+    from wanwu.pipeline.serve.kserve import HttpLimits
 
 # TOML names kept from before the settings were shared with `wanwu run` (Triton's name).
 _ALIASES = {"max_batch_size": "batch_size"}
@@ -34,12 +37,21 @@ class ServeConfig(PipelineConfig):
     max_queue_size: int = 1024  # images accepted and not yet answered; more is "queue full"
     timeout_s: float = 30.0  # per request, unless the request says less
     max_images_per_request: int = 64
-    max_request_bytes: int = 64 << 20
+    max_request_bytes: int = 64 << 20  # one request's images (HTTP body after decompression, gRPC or ZeroMQ message)
+    max_json_bytes: int = 8 << 20  # an HTTP body that is JSON only (base64 images)
+    max_inflight_bytes: int = 256 << 20  # HTTP bodies being received or worked on at once; past it, 503
+    max_connections: int = 512  # open HTTP connections; one more is answered 503 and closed
+    keepalive_timeout_s: float = 15.0  # an idle HTTP connection closes after this long
+    header_timeout_s: float = 10.0  # a request's head must be complete this long after its first byte
+    min_body_rate: float = 64 << 10  # bytes/s an HTTP body must arrive at, after header_timeout_s of grace
+    http_threads: int = 64  # HTTP requests inside the backend at once (the rest wait, costing no thread)
+    stall_timeout_s: float = 30.0  # a worker that shows no sign of life this long is killed and replaced
     # Front doors. Hosts default to 127.0.0.1: nothing is exposed unless asked.
     http: bool = True
     host: str = "127.0.0.1"
     http_port: int = 8000
-    token: str = ""  # HTTP bearer token; "" = none
+    grpc_port: int = -1  # KServe v2 gRPC on host:grpc_port; -1 = off, 0 = any free port
+    token: str = ""  # bearer token for HTTP and gRPC; "" = none
     metrics_port: int = 8002  # Prometheus /metrics on host:metrics_port; -1 = off
     zmq_request: str = ""  # ROUTER address, e.g. tcp://127.0.0.1:5555
     zmq_stream: str = ""  # PULL address: fire-and-forget, records go to `out`
@@ -65,12 +77,23 @@ class ServeConfig(PipelineConfig):
         if self.max_queue_size < self.max_images_per_request:
             raise ConfigError(f"max_queue_size ({self.max_queue_size}) must hold at least one full request "
                               f"(max_images_per_request = {self.max_images_per_request})")
-        if not (self.http or self.zmq_request or self.zmq_stream or self.watch):
-            raise ConfigError("expected at least one front door (HTTP, zmq_request, zmq_stream or watch), got none")
+        if not (self.http or self.grpc_port >= 0 or self.zmq_request or self.zmq_stream or self.watch):
+            raise ConfigError("expected at least one front door (HTTP, gRPC, zmq_request, zmq_stream or watch), "
+                              "got none")
+        if not self.stall_timeout_s > 0:
+            raise ConfigError(f"stall_timeout_s must be positive, got {self.stall_timeout_s}")
         if (self.zmq_stream or self.watch) and not self.out:
             raise ConfigError("the stream and hot-folder doors write records: expected `out` (.jsonl or .sqlite)")
         if self.curve_clients and not self.curve_secret_key:
             raise ConfigError("curve_clients needs curve_secret_key (the server's certificate)")
+        self.http_limits()  # validates the HTTP limits
+
+    def http_limits(self) -> "HttpLimits":
+        """The HTTP door's limits."""
+        from wanwu.pipeline.serve.kserve import HttpLimits
+
+        return HttpLimits(self.max_request_bytes, self.max_json_bytes, self.max_inflight_bytes, self.max_connections,
+                          self.keepalive_timeout_s, self.header_timeout_s, self.min_body_rate, self.http_threads)
 
     @classmethod
     def from_toml(cls, path: str, **overrides: Any) -> "ServeConfig":

@@ -55,7 +55,8 @@ class Daemon:
         self.metrics = ServeMetrics()
         self.backend = PipelineBackend(cfg, self.metrics)
         self.sink: SinkWriter | None = None
-        self.doors: list = []  # started front doors, each with shutdown()
+        self.doors: list = []  # started front doors, each with alive() and shutdown()
+        self.http = None  # the HTTP door, when on (KServeHTTPServer)
         self.addresses: dict[str, str] = {}
         self._stopped = threading.Event()
         self._shutdown_lock = threading.Lock()
@@ -86,9 +87,11 @@ class Daemon:
         if cfg.http:
             from wanwu.pipeline.serve.kserve import KServeHTTPServer
 
-            http = KServeHTTPServer(self.backend, cfg.host, cfg.http_port, cfg.token or None, cfg.max_request_bytes)
+            http = KServeHTTPServer(self.backend, cfg.host, cfg.http_port, cfg.token or None, cfg.http_limits(),
+                                    drain_s=cfg.drain_timeout_s)
             self.addresses["http"] = f"{cfg.host}:{http.start()}"
             self.doors.append(http)
+            self.http = http
         if cfg.zmq_request or cfg.zmq_stream:
             from wanwu.pipeline.serve.zmq_door import ZmqDoor
 
@@ -121,8 +124,12 @@ class Daemon:
         status = 0
         try:
             while not self._stopped.wait(0.5):
-                if self.backend.failure:
-                    logger.error("the workers cannot be kept running: %s; exiting", self.backend.failure)
+                if self.http is not None:  # the HTTP door's connection figures, as metrics
+                    for what, value in self.http.stats().items():
+                        self.metrics.http.labels(what).set(value)
+                problem = self.broken()
+                if problem:
+                    logger.error("%s; exiting with status 1 so that a service manager restarts the daemon", problem)
                     status = 1
                     break
         finally:
@@ -130,6 +137,18 @@ class Daemon:
                 signal.signal(sig, handler)
             self.shutdown()
         return status
+
+    def broken(self) -> str:
+        """Why the daemon cannot serve any more ("" when it can): its workers cannot be kept
+        running, or a thread it needs (the dispatcher, a front door's) has died."""
+        if self.backend.failure:
+            return f"the workers cannot be kept running: {self.backend.failure}"
+        if not self.backend.alive():
+            return "the dispatcher thread has stopped"
+        for door in self.doors:
+            if not door.alive():
+                return f"the {type(door).__name__} front door's thread has stopped"
+        return ""
 
     def stop(self) -> None:
         """Ask ``serve_forever`` to return (thread-safe)."""

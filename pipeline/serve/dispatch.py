@@ -40,7 +40,7 @@ from wanwu.pipeline.serve.stats import ServeStats
 from wanwu.pipeline.topology import transport
 from wanwu.pipeline.topology.inflight import Entry, InFlight
 from wanwu.pipeline.topology.messages import Event, EventKind, Results, Taken, WorkItem
-from wanwu.pipeline.topology.owner import Restart, Topology
+from wanwu.pipeline.topology.owner import Restart, RestartPolicy, Topology
 from wanwu.pipeline.topology.plan import make_plan
 from wanwu.pipeline.topology.transport import Waker
 from wanwu.stages.models.base import get_model_spec
@@ -83,6 +83,7 @@ class PipelineBackend:
         self._waker = Waker()  # submit threads wake the router thread's poll
         self._started = threading.Event()
         self._inference_ready = False
+        self._decoders_ready = False  # at least one decoder is up
         self._draining = False
         self._closed = False
         self._stop_router = threading.Event()
@@ -101,11 +102,12 @@ class PipelineBackend:
         """
         plan = make_plan(self.cfg, self.spec)
         roles = [("inference", 0)] + [("decoder", i) for i in range(plan.decoders)]  # the model loads longest
-        self._topology = Topology(self.cfg, plan, roles)
+        self._topology = Topology(self.cfg, plan, roles, RestartPolicy(stall_timeout_s=self.cfg.stall_timeout_s))
         self._router = threading.Thread(target=self._route, name="wanwu-dispatch", daemon=True)
         self._router.start()
         deadline = time.monotonic() + timeout_s
-        while not self._started.wait(0.1):
+        while not self.ready():
+            time.sleep(0.05)
             failure = self.failure or ("" if self._router.is_alive() else "the dispatcher stopped")
             if not failure and time.monotonic() > deadline:
                 failure = f"the model was not ready within {timeout_s:.0f} s"
@@ -150,8 +152,14 @@ class PipelineBackend:
     def live(self) -> bool:
         return not self._closed
 
+    def alive(self) -> bool:
+        """Whether the dispatcher thread runs (False before ``start`` and after it stopped)."""
+        return self._router is not None and self._router.is_alive()
+
     def ready(self) -> bool:
-        return self._started.is_set() and self._inference_ready and not self._draining
+        """Started, not draining, and able to serve now: the inference process and a decoder are up."""
+        return (self._started.is_set() and not self._draining and not self.failure and self._inference_ready
+                and self._decoders_ready)
 
     def stats(self) -> dict:
         return self._stats.snapshot()
@@ -310,8 +318,6 @@ class PipelineBackend:
         if event.kind is EventKind.READY and event.stage == "inference":
             self._inference_ready = True
             self._started.set()
-            if self.metrics:
-                self.metrics.ready.set(0 if self._draining else 1)
         elif event.kind is EventKind.BATCH:
             size, queue_s, compute_s = event.data["size"], event.data["queue_s"], event.data["compute_s"]
             self._stats.add_execution(size, {"compute_infer": int(compute_s * 1e9)})
@@ -326,18 +332,20 @@ class PipelineBackend:
         restart = topology.supervise()  # raises StageError when a worker cannot be kept running
         if restart is not None:
             self._on_restart(restart, now)
+        self._inference_ready = topology.ready("inference")
+        self._decoders_ready = any(topology.ready(name) for name in topology.positions if name != "inference")
+        if self.metrics:  # set from the same facts as ready(), every tick: they cannot disagree for long
+            self.metrics.ready.set(1 if self.ready() else 0)
         with self._lock:
             failed = self._inflight.sweep(now)
         self._fail(failed, StageError("the worker process holding this image died twice"))
 
     def _on_restart(self, restart: Restart, now: float) -> None:
-        if restart.everything:
-            self._inference_ready = False
-            if self.metrics:
-                self.metrics.ready.set(0)
         if self.metrics:
             for name in restart.names:
                 self.metrics.restarts.labels(name.split("-")[0]).inc()
+            for name in restart.stalled:
+                self.metrics.stalls.labels(name.split("-")[0]).inc()
         with self._lock:
             failed = self._inflight.lost(set(restart.dead), restart.everything, now)
         self._fail(failed, StageError("the worker process holding this image died twice"))

@@ -16,7 +16,11 @@ Metric names (all prefixed ``wanwu_``):
 * ``batch_size`` histogram; ``queue_depth`` (images accepted, not yet answered);
 * ``stage_busy_ratio{stage}``: each worker's busy share of its wall time;
 * ``images_per_second``: over the last ``RATE_WINDOW_S`` seconds;
-* ``worker_restarts_total{stage}``, ``ready`` (1 when ready).
+* ``http{what}``: the HTTP door's ``connections`` open, ``refused_connections``,
+  ``evicted_connections``, ``timed_out_connections`` (so far), ``inflight_bytes``,
+  ``peak_inflight_bytes``, ``refused_for_budget``;
+* ``worker_restarts_total{stage}``, ``worker_stalls_total{stage}`` (killed by the
+  watchdog), ``ready`` (1 when ready: the same facts as the readiness probe).
 """
 
 from __future__ import annotations
@@ -56,7 +60,12 @@ class ServeMetrics:
                           registry=r)
         self.restarts = Counter("wanwu_worker_restarts", "Worker processes restarted by the supervisor",
                                 ["stage"], registry=r)
+        self.stalls = Counter("wanwu_worker_stalls", "Worker processes the watchdog found stuck and killed",
+                              ["stage"], registry=r)
         self.ready = Gauge("wanwu_ready", "1 when the model is loaded and the daemon accepts requests", registry=r)
+        self.http = Gauge("wanwu_http", "The HTTP door: open connections, connections refused, evicted and timed "
+                                        "out so far, bytes of bodies in flight and their peak, requests refused "
+                                        "for the byte budget", ["what"], registry=r)
         self._lock = threading.Lock()
         self._answered: collections.deque[tuple[float, int]] = collections.deque()
         self.rate.set_function(self._images_per_s)

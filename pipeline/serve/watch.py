@@ -106,6 +106,11 @@ class HotFolder:
                 self._thread.start()
                 logger.info("watching %r (done: %r, failed: %r)", self.folder, self.done_dir, self.failed_dir)
 
+    def alive(self) -> bool:
+        """Whether the watcher thread runs."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
     def shutdown(self) -> None:
         """Stop after the batch in flight (its records written, its files moved). Safe to call twice."""
         self._stop.set()

@@ -47,10 +47,12 @@ from wanwu.pipeline.serve.curve import load_server_key, start_authenticator
 
 logger = logging.getLogger(__name__)
 
-# A single frame this many times over max_request_bytes is refused by ZeroMQ itself
-# (MAXMSGSIZE drops the connection), so memory stays bounded; smaller oversize
-# requests are read and answered with a "too_large" error.
-_HARD_FRAME_FACTOR = 2
+# libzmq delivers a multipart message only once all its frames have arrived, and holds
+# them until then; its only bound is on one frame (MAXMSGSIZE), checked against the
+# frame's header before the frame is read. So a frame larger than a whole request may
+# be is refused there (the connection drops, nothing is held); a message of frames
+# each within the limit but together over it is read and answered "too_large".
+_HARD_FRAME_FACTOR = 1
 _LINGER_MS = 1000  # on shutdown, give replies already queued this long to leave
 _POLL_MS = 500  # the I/O thread is woken explicitly; this is only a safety net
 _READ_BURST = 64  # messages read per socket per loop, so replies are not held back
@@ -147,7 +149,8 @@ class ZmqDoor:
                 if self._clients_dir is not None:
                     self._auth = start_authenticator(ctx, self._clients_dir)
                 if self.request_addr is not None:
-                    router = self._bind(ctx, zmq.ROUTER, self.request_addr, "request")
+                    # Few requests wait here per client; the rest wait at the client, whose send blocks.
+                    router = self._bind(ctx, zmq.ROUTER, self.request_addr, "request", rcvhwm=2 * self.threads)
                 if self.stream_addr is not None:
                     # Few stream images wait here; the rest wait at the pusher, whose send blocks.
                     pull = self._bind(ctx, zmq.PULL, self.stream_addr, "stream", rcvhwm=2 * self.threads)
@@ -169,6 +172,10 @@ class ZmqDoor:
             self._thread.start()
             logger.info("ZeroMQ front door on %s%s", self.endpoints, " (CURVE)" if self._curve else "")
             return dict(self.endpoints)
+
+    def alive(self) -> bool:
+        """Whether the door's I/O thread runs."""
+        return self._thread is not None and self._thread.is_alive()
 
     def shutdown(self) -> None:
         """Stop reading, let work in flight finish (at most ``drain_s``), close. Safe to call twice."""

@@ -109,6 +109,7 @@ class EventKind(str, enum.Enum):
 
     ATTACHED = "attached"  # mapped the shared memory
     READY = "ready"  # set up (model loaded, decoder built): can work
+    ALIVE = "alive"  # a heartbeat from the worker's loop, for the watchdog
     BUSY = "busy"  # now and then: busy seconds so far, for the busy-share figures
     STATS = "stats"  # at exit: the final busy seconds
     BATCH = "batch"  # inference ran a batch: size, queue and compute seconds (daemon metrics)

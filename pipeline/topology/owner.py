@@ -20,7 +20,13 @@ Restart rules, chosen so that no slot is ever read while someone writes it:
   quick repeats wait, up to ``max_backoff_s``;
 * a worker that dies before it was ever ready (the model cannot load) ends
   everything with its reason, and so do ``max_failed_starts`` incarnations in a
-  row that die before they are ready (restarts that keep failing).
+  row that die before they are ready (restarts that keep failing);
+* a replacement that cannot even be spawned (no file descriptors or memory left)
+  is tried again later, with the same growing delay, rather than given up on;
+* the watchdog: every worker beats once a second from a thread of its own, with
+  how long its work in progress has run. A restartable worker whose beats stop
+  (a frozen process) or whose one piece of work outlasts ``stall_timeout_s`` (a
+  hang) is killed, and so replaced by the rules above.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class RestartPolicy:
     max_backoff_s: float = 10.0  # longest wait before restarting a worker that keeps dying
     stable_s: float = 30.0  # a worker that lived this long is restarted without waiting
     max_failed_starts: int = 3  # incarnations in a row that die before ready: give up
+    stall_timeout_s: float = 60.0  # no heartbeat, or one piece of work, this long: the worker is stuck
 
 
 @dataclass
@@ -72,6 +79,8 @@ class Position:
     restarts: int = 0
     due: float = 0.0  # restart not before this (monotonic)
     fatal: str = ""  # the last failure this position reported
+    last_seen: float = 0.0  # monotonic time of its last event (heartbeats included)
+    busy_for_s: float = 0.0  # how long its work in progress had run, at its last heartbeat
 
     @property
     def name(self) -> str:
@@ -93,6 +102,7 @@ class Restart:
     dead: tuple[tuple[int, int], ...]  # producer incarnations that are gone
     everything: bool  # the inference process died: everything in flight is lost
     generations: tuple[tuple[int, int], ...] = field(default=())  # producers' new incarnation numbers
+    stalled: tuple[str, ...] = ()  # workers the watchdog killed since the last restart
 
 
 class Topology:
@@ -125,7 +135,10 @@ class Topology:
             raise
         self.positions: dict[str, Position] = {}
         self._held_events: list[Event] = []  # read while looking for a dying worker's last words
+        self._stalled: list[str] = []  # killed by the watchdog, not yet reported in a Restart
         self.restarts = 0
+        self.stalls = 0  # workers the watchdog killed
+        self.spawn_failures = 0  # replacements that could not be spawned (and were tried again later)
         self.stopping = False
 
     # ---- lifecycle
@@ -195,7 +208,10 @@ class Topology:
         for event in transport.waiting(self.events_socket):
             position = self.positions.get(event.stage)
             if position is not None and position.proc is not None and event.pid == position.proc.pid:
-                if event.kind is EventKind.READY:
+                position.last_seen = time.monotonic()
+                if event.kind is EventKind.ALIVE:
+                    position.busy_for_s = event.data.get("busy_for_s", 0.0)
+                elif event.kind is EventKind.READY:
                     position.ready = position.ever_ready = True
                     position.failed_starts = 0
                 elif event.kind is EventKind.FATAL:
@@ -217,6 +233,7 @@ class Topology:
         if self.stopping:
             return None
         now = time.monotonic()
+        self._watch(now)
         dead = [p for p in self.positions.values() if p.proc is None or p.proc.poll() is not None]
         for position in dead:
             if position.proc is not None:  # just noticed: judge it once, then schedule
@@ -233,6 +250,23 @@ class Topology:
         if not restarted:
             return None
         return self._restart(restarted)
+
+    def _watch(self, now: float) -> None:
+        """The watchdog: kill restartable workers that stopped beating, or hang in one piece of work."""
+        limit = self.policy.stall_timeout_s
+        for position in self.positions.values():
+            if not (position.restartable and position.ready and position.alive()):
+                continue
+            silent = now - position.last_seen
+            if silent <= limit and position.busy_for_s <= limit:
+                continue
+            why = (f"no sign of life for {silent:.0f} s" if silent > limit else
+                   f"one piece of work ran {position.busy_for_s:.0f} s")
+            logger.error("%s is stuck (%s, stall timeout %.0f s); killing it", position.name, why, limit)
+            position.fatal = f"stuck: {why}"
+            self._kill(position)  # reaped here; supervise notices the death and applies the restart rules
+            self.stalls += 1
+            self._stalled.append(position.name)
 
     def _judge(self, position: Position, now: float) -> None:
         """A worker just died: decide whether to restart it, and when."""
@@ -271,21 +305,33 @@ class Topology:
             if position.restartable:  # a frame-writing loader is reset by Lost, not restarted
                 self._kill(position)
                 position.restarts += 1
-                self._spawn(position)
+                try:
+                    self._spawn(position)
+                except OSError as exc:  # EMFILE, ENOMEM: try again later, as after a quick death
+                    self.spawn_failures += 1
+                    position.proc = None
+                    position.backoff_s = min(self.policy.max_backoff_s, max(0.5, position.backoff_s * 2))
+                    position.due = time.monotonic() + position.backoff_s
+                    logger.error("cannot start %s (%s); trying again in %.1f s", position.name, exc,
+                                 position.backoff_s)
+                    continue
                 names.append(position.name)
         self.restarts += len(names)
-        restart = Restart(tuple(names), tuple(dead), everything, tuple(generations))
+        stalled, self._stalled = tuple(self._stalled), []
+        restart = Restart(tuple(names), tuple(dead), everything, tuple(generations), stalled)
         self.broadcast(Lost(restart.dead, everything, restart.generations))
         return restart
 
     def _spawn(self, position: Position) -> None:
         position.proc = spawn(position.spec)
-        position.started = time.monotonic()
+        position.started = position.last_seen = time.monotonic()
         position.ready = False
+        position.busy_for_s = 0.0
         position.fatal = ""
 
     @staticmethod
     def _kill(position: Position) -> None:
+        """Kill and reap the worker (``proc`` stays set: its exit status tells what happened)."""
         if position.proc is not None:
             if position.proc.poll() is None:
                 position.proc.kill()

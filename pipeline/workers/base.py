@@ -16,6 +16,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BUSY_REPORT_S = 2.0  # between busy-share reports (a daemon never exits to report at the end)
+HEARTBEAT_S = 1.0  # between heartbeats from the worker's loop (the owner's watchdog waits for them)
 
 ROLES = {
     "loader": "wanwu.pipeline.workers.loader:LoaderWorker",
@@ -94,6 +96,9 @@ class Worker(ABC):
         self._stopped = False
         self._t_start = time.perf_counter()
         self._last_busy_report = self._t_start
+        self._busy_since = 0.0  # monotonic start of the work in progress; 0 while idle
+        self._beat_stop = threading.Event()
+        self._beat_thread: threading.Thread | None = None
 
     def emit(self, kind: EventKind, **data: object) -> None:
         transport.send(self.events, Event(kind, self.name, os.getpid(), dict(data)))
@@ -117,11 +122,17 @@ class Worker(ABC):
 
     @contextmanager
     def busy(self) -> Iterator[None]:
-        """Count the enclosed time as this stage's work (for the busy-share figures)."""
+        """Count the enclosed time as this stage's work (for the busy-share figures).
+
+        One span is one unit of work for the watchdog too: a span longer than the
+        owner's stall timeout means the worker hangs.
+        """
         t = time.perf_counter()
+        self._busy_since = time.monotonic()
         try:
             yield
         finally:
+            self._busy_since = 0.0
             now = time.perf_counter()
             self.busy_s += now - t
             if now - self._last_busy_report >= BUSY_REPORT_S:
@@ -137,12 +148,16 @@ class Worker(ABC):
             self._setup()
             self._t_start = time.perf_counter()  # busy share counts from here, not from imports
             self.emit(EventKind.READY)
+            self._start_heartbeat()
             self._loop()
         except Exception as exc:  # report any failure to the owner, who restarts us or ends the job
             logger.exception("%s failed", self.name)
             transport.send(self.events, Event.fatal(self.name, os.getpid(), exc))
             status = 1
         finally:
+            self._beat_stop.set()
+            if self._beat_thread is not None:
+                self._beat_thread.join(2)
             wall = time.perf_counter() - self._t_start
             self.emit(EventKind.STATS, busy_s=self.busy_s, wall_s=wall, items=self.items)
             self._shutdown()
@@ -152,6 +167,24 @@ class Worker(ABC):
             self.events.setsockopt(zmq.LINGER, 2000)
             self.ctx.destroy(linger=2000)
         return status
+
+    def _start_heartbeat(self) -> None:
+        """Beat every ``HEARTBEAT_S`` from a thread of its own, saying how long the work in progress
+        has run: the owner's watchdog replaces a worker whose beats stop (a frozen process) or
+        whose one piece of work runs too long (a hang)."""
+        self._beat_thread = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+        self._beat_thread.start()
+
+    def _heartbeat(self) -> None:
+        # A socket of its own: ZeroMQ sockets belong to one thread.
+        sock = transport.socket(self.ctx, zmq.PUSH, self.spec.endpoints.events, bind=False)
+        try:
+            while not self._beat_stop.wait(HEARTBEAT_S):
+                since = self._busy_since
+                busy_for = time.monotonic() - since if since else 0.0
+                transport.send(sock, Event(EventKind.ALIVE, self.name, os.getpid(), {"busy_for_s": busy_for}))
+        finally:
+            sock.close(linger=0)
 
     def _setup(self) -> None:
         """Hook: open sockets and stages."""

@@ -27,6 +27,9 @@ from wanwu.stages.decoders.base import create_decoder
 logger = logging.getLogger(__name__)
 
 Item = tuple[WorkItem, zmq.Frame]
+# Images per decode call: enough for DALI's batching, few enough that even a chunk of
+# images at the pixel limit (seconds each) finishes well within the watchdog's stall timeout.
+DECODE_CHUNK = 8
 
 
 class DecoderWorker(Worker):
@@ -76,9 +79,12 @@ class DecoderWorker(Worker):
                                            self.spec.generation))
         slots = [self.slots.take() for _ in group]
         assert self.pool is not None
-        with self.busy():
-            outcomes = self.decoder.decode_batch_into([payload.buffer for _, payload in group],
-                                                      [self.pool.frame(s) for s in slots])
+        datas, frames = [payload.buffer for _, payload in group], [self.pool.frame(s) for s in slots]
+        outcomes = []
+        for start in range(0, len(group), DECODE_CHUNK):
+            with self.busy():  # one span per chunk: the watchdog's unit of work stays short
+                outcomes += self.decoder.decode_batch_into(datas[start:start + DECODE_CHUNK],
+                                                           frames[start:start + DECODE_CHUNK])
         tickets, errors = [], []
         for (item, _), slot, outcome in zip(group, slots, outcomes):
             if isinstance(outcome, InputError):

@@ -1,0 +1,252 @@
+"""Attacks on ``wanwu serve`` from 127.0.0.1, and what they cost it.
+
+Each attack is a function the tests call (tests/test_serve_attacks.py asserts the
+daemon holds) and ``python -m wanwu.bench.attacks`` runs against a fresh daemon,
+printing attack -> result with the daemon's threads, peak memory and the latency
+of a normal request during each.
+"""
+
+from __future__ import annotations
+
+import json
+import selectors
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+
+class ProcessSampler:
+    """Samples a process's resident memory and thread count until stopped (``with`` block)."""
+
+    def __init__(self, pid: int, interval_s: float = 0.05) -> None:
+        self.pid, self.interval_s = pid, interval_s
+        self.peak_rss_mb = self.max_threads = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> tuple[float, int]:
+        rss, threads = 0.0, 0
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) / 1024
+                elif line.startswith("Threads:"):
+                    threads = int(line.split()[1])
+        except OSError:
+            pass
+        return rss, threads
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            rss, threads = self.sample()
+            self.peak_rss_mb, self.max_threads = max(self.peak_rss_mb, rss), max(self.max_threads, threads)
+
+    def __enter__(self) -> "ProcessSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class Flood:
+    """Slow clients that keep ``n`` connections open, each trickling a request head a byte at a time."""
+
+    host: str
+    port: int
+    n: int
+    byte_interval_s: float = 1.0  # one byte per connection this often
+    connected: int = 0  # connections made (reconnections included)
+    closed_by_server: int = 0  # of them, closed by the daemon (timeouts, evictions, refusals)
+    refused_503: int = 0  # answered "503 too many connections" at once
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> "Flood":
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def _connect(self, sel: selectors.BaseSelector) -> None:
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex((self.host, self.port))
+        sel.register(sock, selectors.EVENT_READ, data=[b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\n", 0])
+        self.connected += 1
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        for _ in range(self.n):
+            self._connect(sel)
+        next_byte = time.monotonic()
+        while not self._stop.is_set():
+            for key, _ in sel.select(timeout=0.05):
+                sock = key.fileobj
+                try:
+                    data = sock.recv(4096)  # type: ignore[union-attr]
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data = b""
+                if data.startswith(b"HTTP/1.1 503"):
+                    self.refused_503 += 1
+                if not data or data.startswith(b"HTTP/"):
+                    sel.unregister(sock)
+                    sock.close()  # type: ignore[union-attr]
+                    self.closed_by_server += 1
+                    self._connect(sel)  # a flood keeps its numbers up
+            if time.monotonic() >= next_byte:
+                next_byte += self.byte_interval_s
+                for key in list(sel.get_map().values()):
+                    head, sent = key.data
+                    try:
+                        key.fileobj.send(head[sent % len(head):sent % len(head) + 1])  # type: ignore[union-attr]
+                        key.data[1] = sent + 1
+                    except (BlockingIOError, OSError):
+                        pass
+        for key in list(sel.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
+        sel.close()
+
+
+def infer_seconds(url: str, image: bytes, model: str = "efficientnet_lite0", timeout_s: float = 60.0) -> float:
+    """One normal request through Triton's HTTP client; its latency (raises if it failed)."""
+    import numpy as np
+    import tritonclient.http as triton
+
+    start = time.perf_counter()
+    with triton.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s) as client:
+        tensor = triton.InferInput("IMAGE", [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[image]], dtype=np.object_))
+        client.infer(model, [tensor])
+    return time.perf_counter() - start
+
+
+def raw_post(host: str, port: int, path: str, headers: dict[str, str], body: bytes,
+             timeout_s: float = 60.0) -> tuple[int, bytes]:
+    """POST ``body`` over a plain socket (``http.client`` would refuse some of what attackers send)."""
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n" + "".join(
+        f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+        try:
+            sock.sendall(head.encode() + body)
+        except OSError:  # the server answered early and closed: read what it said
+            pass
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    status = int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/") else 0
+    return status, reply
+
+
+def json_amplification_body(size: int) -> bytes:
+    """``{"x":[{},{},...]}`` of ``size`` bytes: tiny on the wire, huge as Python objects."""
+    inner = b"{},"
+    count = (size - 8) // len(inner)
+    return b'{"x":[' + inner * count + b'{}]}'
+
+
+def binary_count_bomb(count: int) -> tuple[bytes, int]:
+    """A binary-tensor request declaring ``count`` 2-byte images; returns (body, JSON header length)."""
+    header = json.dumps({"inputs": [{"name": "IMAGE", "shape": [count, 1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": count * 6}}]}).encode()
+    return header + (b"\x02\x00\x00\x00ab" * count), len(header)
+
+
+def zmq_big_message(address: str, frames: int, frame_bytes: int, wait_s: float = 5.0) -> bool:
+    """Send one message of ``frames`` frames of ``frame_bytes`` each; True if any reply came."""
+    import zmq
+
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(address)
+        blob = bytes(frame_bytes)
+        sock.send_multipart([b"big"] + [blob] * frames, copy=False)
+        return bool(sock.poll(int(wait_s * 1000)))
+    finally:
+        ctx.destroy(linger=0)
+
+
+def statuses_during_drain(url: str, image: bytes, clients: int, duration_s: float,
+                          sigterm: Callable[[], None]) -> dict[int, int]:
+    """HTTP statuses seen by ``clients`` threads sending requests while ``sigterm()`` starts a drain."""
+    import numpy as np
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    seen: dict[int, int] = {}
+    lock = threading.Lock()
+    stop = time.monotonic() + duration_s
+
+    def client() -> None:
+        while time.monotonic() < stop:
+            try:
+                with triton.InferenceServerClient(url, connection_timeout=5, network_timeout=30) as c:
+                    tensor = triton.InferInput("IMAGE", [8, 1], "BYTES")
+                    tensor.set_data_from_numpy(np.array([[image]] * 8, dtype=np.object_))
+                    c.infer("efficientnet_lite0", [tensor])
+                    code = 200
+            except InferenceServerException as exc:
+                code = int(exc.status() or 0)
+            except Exception:  # noqa: BLE001 (refused or reset: the door has closed)
+                code = 0
+            with lock:
+                seen[code] = seen.get(code, 0) + 1
+            if code == 0:
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(min(1.0, duration_s / 3))
+    sigterm()
+    for t in threads:
+        t.join()
+    return seen
+
+
+def pid_of(role: str, owner: int) -> int:
+    """The pid of the owner's worker ``role`` (``inference``, ``decoder``)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == owner and f"wanwu.pipeline.workers {role}" in cmd:
+            return int(entry.name)
+    raise LookupError(f"no {role} worker of {owner}")
+
+
+def metric(url: str, name: str, labels: str = "") -> float:
+    """One sample of the daemon's Prometheus metrics (0 if absent)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://{url}/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + (f"{{{labels}}}" if labels else "")) and not line.startswith("#"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+if __name__ == "__main__":  # pragma: no cover - a report, run by hand
+    from wanwu.bench.attacks_report import main
+
+    raise SystemExit(main())
