@@ -19,18 +19,21 @@ def main(argv: list[str]) -> int:
         from wanwu.bench.gate import timed_run
 
         result = timed_run(args["inputs"], args["out"], args["options"])
-    elif kind == "naive":
-        from wanwu.bench.baselines import naive
+    elif kind == "baseline":
+        from wanwu.bench.baselines import RUNNERS, Settings
 
-        result = {"rate": naive(paths, args["model"], args["threads"])}
-    elif kind == "dataloader":
-        from wanwu.bench.baselines import dataloader
-
-        result = {"rate": dataloader(paths, args["model"], args["threads"], args["workers"])}
+        settings = Settings(**args["settings"])
+        result = {"rate": RUNNERS[args["name"]](paths, args["model"], settings)}
     elif kind == "decode":
-        from wanwu.bench.stages import decode_rate
+        from wanwu.bench.stages import archive_values, decode_bytes_rate, decode_rate
+        from wanwu.stages.decoders.base import resolve_decoder_name
 
-        result = {"rate": decode_rate(paths, args["processes"], args["decoder"], args["model"])}
+        if args.get("archive"):
+            datas = archive_values(args["archive"])
+            result = {"rate": decode_bytes_rate(datas, args["processes"], args["decoder"], args["model"])}
+        else:
+            result = {"rate": decode_rate(paths, args["processes"], args["decoder"], args["model"])}
+        result["decoder"] = resolve_decoder_name(args["decoder"])
     elif kind == "inference":
         from wanwu.bench.stages import inference_rate
 

@@ -8,34 +8,42 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+PEERS = ("naive", "dataloader", "openvino dataloader")  # the rows ratios are taken against
+HEADER = ["", "images/s", "vs naive", "vs dataloader", "vs openvino dataloader", "of limit", "peak RSS MB",
+          "settings"]
+
 
 def _rows(result: dict) -> list[list[str]]:
     by = {r["name"]: r for r in result["rows"]}
-    naive, loader = by["naive"]["images_per_s"], by["dataloader"]["images_per_s"]
-    lim = result["limit_images_per_s"]
+    peers = [by[name]["images_per_s"] if name in by else 0.0 for name in PEERS]
     table = []
     for r in result["rows"]:
         rate = r["images_per_s"]
-        pipeline_row = r["name"].startswith("wanwu") or r["name"] in ("naive", "dataloader")
+        # Ratios only between whole jobs (a baseline or wanwu), not stages measured alone.
+        job = r["name"].startswith("wanwu") or r["name"] in PEERS
+        ratios = [f"{rate / peer:.{1 if i == 0 else 2}f}x" if peer and job else "" for i, peer in enumerate(peers)]
+        of_limit = r.get("of_limit")
         table.append([
-            r["name"], f"{rate:.1f}",
-            f"{rate / naive:.1f}x" if naive and pipeline_row else "",
-            f"{rate / loader:.2f}x" if loader and pipeline_row else "",
-            f"{rate / lim:.0%}" if lim and r["name"].startswith("wanwu") else "",
-            f"{r['peak_rss_mb']:.0f}",
+            r["name"], f"{rate:.1f}", *ratios, f"{of_limit:.0%}" if of_limit else "",
+            f"{r['peak_rss_mb']:.0f}", r.get("settings", ""),
         ])
     return table
 
 
-HEADER = ["", "images/s", "vs naive", "vs dataloader", "of limit", "peak RSS MB"]
+def machine_line(m: dict) -> str:
+    """The machine in one line: CPU, family/model numbers, ISA features, cores, memory, library versions."""
+    isa = m.get("isa") or {"AMX": m.get("amx_bf16"), "AVX512-BF16": m.get("avx512_bf16")}  # older results
+    numbers = f" (family {m['cpu_family']}, model {m['cpu_model']})" if m.get("cpu_family") is not None else ""
+    return (
+        f"Machine: {m['cpu']}{numbers}, {m['cores']} cores, {m['memory_gb']} GB; "
+        + ", ".join(f"{name} {'yes' if has else 'no'}" for name, has in isa.items()) + "; "
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+    )
 
 
 def markdown(result: dict) -> str:
-    m = result["machine"]
     lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores, AMX {'yes' if m['amx_bf16'] else 'no'}, "
-        f"AVX512-BF16 {'yes' if m['avx512_bf16'] else 'no'}, {m['memory_gb']} GB; "
-        + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v),
+        machine_line(result["machine"]),
         "",
         f"Corpus: {result['config']['images']} JPEGs; median of {result['config']['repeats']} runs after a warm-up.",
         "",
@@ -44,12 +52,13 @@ def markdown(result: dict) -> str:
     ]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(result)]
     by = {r["name"]: r for r in result["rows"]}
-    lines += [
-        "",
-        f"Machine limit (decode and inference sharing the cores): {result['limit_images_per_s']:.1f} images/s; "
-        f"wanwu reaches {result['efficiency']:.0%} of it. Engine: {by['inference only'].get('engine', '?')}.",
-        f"First record after {by['wanwu'].get('first_record_s', float('nan')):.2f} s (model cached).",
-    ]
+    limits = [f"{r['name']} {r['limit_images_per_s']:.1f} images/s (reached {r['of_limit']:.0%})"
+              for r in result["rows"] if r.get("limit_images_per_s")]
+    lines += ["", "Limits (decode of the row's own input and inference, sharing the cores): " + "; ".join(limits) + "."]
+    if result["config"]["repeats"] > 1:  # the noise a row's "of limit" may exceed 100% by
+        spread = max((r.get("spread", 0.0) for r in result["rows"]), default=0.0)
+        lines.append(f"Largest spread between rounds ((fastest - slowest) / median, any row): {spread:.0%}.")
+    lines.append(f"First record after {by['wanwu'].get('first_record_s', float('nan')):.2f} s (model cached).")
     mem = result.get("memory_by_job_size_mb") or {}
     if mem:
         lines.append("Peak RSS by job size: " + ", ".join(f"{n} images {mb:.0f} MB" for n, mb in mem.items()) + ".")
@@ -59,8 +68,10 @@ def markdown(result: dict) -> str:
 def text_table(result: dict) -> str:
     rows = [HEADER] + _rows(result)
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+    last = len(HEADER) - 1  # names and settings read left to right; numbers line up on the right
+    lines = ("  ".join(c.rjust(w) if 0 < i < last else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def chart(result: dict, path: Path) -> bool:
@@ -75,10 +86,15 @@ def chart(result: dict, path: Path) -> bool:
         return False
     names = [r["name"] for r in result["rows"]]
     rates = [r["images_per_s"] for r in result["rows"]]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     bars = ax.barh(names[::-1], rates[::-1], color=["#4c72b0" if n.startswith("wanwu") else "#999999" for n in names[::-1]])
     ax.bar_label(bars, fmt="%.0f")
-    ax.axvline(result["limit_images_per_s"], color="#c44e52", linestyle="--", label="machine limit")
+    label = "limit of its own stages"
+    for y, row in enumerate(result["rows"][::-1]):  # each wanwu row's limit, across its bar
+        if row.get("limit_images_per_s"):
+            ax.plot([row["limit_images_per_s"]] * 2, [y - 0.45, y + 0.45], color="#c44e52", linestyle="--",
+                    label=label)
+            label = "_nolegend_"
     ax.set_xlabel("images/s (median)")
     m = result["machine"]
     ax.set_title(f"wanwu bench: {result['config']['images']} JPEGs, {m['cpu']}, {m['cores']} cores", fontsize=9)

@@ -1,8 +1,10 @@
 """Each stage alone with all cores, configured as ``wanwu run`` configures it.
 
-From these two rates follows the machine's limit for the whole job: when decode
+From these two rates follows the machine's limit for a whole job: when decode
 and inference share the same cores, images/s cannot exceed
-``1 / (1 / decode_rate + 1 / inference_rate)``.
+``1 / (1 / decode_rate + 1 / inference_rate)``. Each job has the limit of its own
+stages: a job on a packed LMDB archive decodes its smaller JPEGs, so its limit
+takes the decode rate of the archive's values, not of the original files.
 """
 
 from __future__ import annotations
@@ -37,7 +39,24 @@ def _decode_share(args: tuple[list[bytes], str, str]) -> float:
 def decode_rate(paths: Sequence[Path], processes: int, decoder: str = "auto",
                 model: str = "efficientnet_lite0") -> float:
     """Images/s of ``processes`` decoder processes splitting the corpus (bytes already in memory)."""
-    datas = [Path(p).read_bytes() for p in paths]
+    return decode_bytes_rate([Path(p).read_bytes() for p in paths], processes, decoder, model)
+
+
+def archive_values(location: str) -> list[bytes]:
+    """Every value of the byte source at ``location`` (e.g. a packed LMDB archive), in its order."""
+    from wanwu.stages.sources.base import open_byte_source
+
+    source = open_byte_source(location)
+    try:
+        return [bytes(source.read(item)) for item in source.scan()]
+    finally:
+        source.shutdown()
+
+
+def decode_bytes_rate(datas: Sequence[bytes], processes: int, decoder: str = "auto",
+                      model: str = "efficientnet_lite0") -> float:
+    """Images/s of ``processes`` decoder processes splitting the encoded images ``datas``."""
+    datas = list(datas)
     shares = [(datas[i::processes], decoder, model) for i in range(processes)]
     ctx = mp.get_context("spawn")
     with ctx.Pool(processes) as pool:

@@ -6,6 +6,11 @@ reports the median images/s and the peak resident memory of the row's whole
 process tree. Start-up (model load) is excluded everywhere: the
 baselines load their model before the clock starts, and wanwu's figure is its
 rate once its model is loaded (``gate.py``: no input is read before).
+
+Every row states its settings: the baselines' come from ``baseline_settings``
+(the engines' precision rule, the libraries' recommended threads and workers).
+Each wanwu row's "of limit" divides by the limit of its own stages: decode of
+its own input (the folder's JPEGs, or the archive's smaller ones) and inference.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from wanwu.stages.engines.hw import cpu_features, cpuinfo_text
 from wanwu.stages.models.photos import build_corpus
+from wanwu.bench.baselines import BASELINES, Settings, baseline_settings
 from wanwu.bench.proctree import PeakRss
 from wanwu.bench.stages import limit
 
@@ -50,6 +57,11 @@ class Row:
     @property
     def rate(self) -> float:
         return statistics.median(self.rates) if self.rates else 0.0
+
+    @property
+    def spread(self) -> float:
+        """(fastest - slowest) / median of the timed runs: the noise between rounds; 0 for one run."""
+        return (max(self.rates) - min(self.rates)) / self.rate if self.rate else 0.0
 
 
 def _timed(cmd: list[str], env: dict | None = None) -> tuple[str, int]:
@@ -137,52 +149,73 @@ def run_suite(cfg: BenchConfig) -> dict:
         pack([str(workdir / f"corpus-{cfg.images}")], str(archive), resize_shorter=256)
     naive_paths = str_paths[: cfg.naive_images] if cfg.naive_images else str_paths
     common = {"model": cfg.model, "paths": str_paths}
-    rows = [Row("naive"), Row("dataloader"), Row("decode only"), Row("inference only"), Row("wanwu"),
-            Row("wanwu lmdb-256")]
-    _interleaved([
-        _measure(rows[0], "naive", {**common, "paths": naive_paths, "threads": cores}),
-        _measure(rows[1], "dataloader", {**common, "threads": cores, "workers": cores}),
-        _measure(rows[2], "decode", {**common, "processes": cores, "decoder": "auto"}),
-        _measure(rows[3], "inference", {**common, "batch_size": 32, "engine": "auto"}),
-        _wanwu(rows[4], [str(workdir / f"corpus-{cfg.images}")], workdir),
-        _wanwu(rows[5], [str(archive)], workdir),
+    cpuinfo = cpuinfo_text()
+    baselines = [Row(name) for name in BASELINES]
+    steps = [_measure(row, "baseline", {**common, "paths": naive_paths if row.name == "naive" else str_paths,
+                                        "name": row.name, "settings": asdict(_settings(row, cpuinfo, cores))})
+             for row in baselines]
+    decode, decode_lmdb, inference = Row("decode only"), Row("decode only lmdb-256"), Row("inference only")
+    run_folder, run_lmdb = Row("wanwu"), Row("wanwu lmdb-256")
+    _interleaved(steps + [
+        _measure(decode, "decode", {**common, "processes": cores, "decoder": "auto"}),
+        _measure(decode_lmdb, "decode", {**common, "paths": [], "archive": str(archive), "processes": cores,
+                                         "decoder": "auto"}),
+        _measure(inference, "inference", {**common, "batch_size": 32, "engine": "auto"}),
+        _wanwu(run_folder, [str(workdir / f"corpus-{cfg.images}")], workdir),
+        _wanwu(run_lmdb, [str(archive)], workdir),
     ], cfg.repeats)
-    by = {r.name: r for r in rows}
-    machine_limit = limit(by["decode only"].rate, by["inference only"].rate)
+    for row in (decode, decode_lmdb):
+        row.extra["settings"] = f"{cores} processes, {row.extra.pop('decoder', '?')} decoder"
+    inference.extra["settings"] = f"{inference.extra.get('engine', '?')}, batch 32"
+    # Each job's limit is that of its own stages: the archive holds smaller JPEGs.
+    for row, decoded in ((run_folder, decode), (run_lmdb, decode_lmdb)):
+        row.extra["limit_images_per_s"] = limit(decoded.rate, inference.rate)
+        row.extra["of_limit"] = row.rate / row.extra["limit_images_per_s"]
+        row.extra["settings"] = f"wanwu run defaults: {cores} decoders, {inference.extra.get('engine', '?')}"
     memory = {}
     for n in cfg.memory_images:
         folder = _symlink_corpus(paths, workdir / f"links-{n}", n)
         row = Row(f"wanwu {n}")
         _wanwu(row, [str(folder)], workdir)(True)
         memory[n] = row.peak_rss_bytes
+    rows = baselines + [decode, decode_lmdb, inference, run_folder, run_lmdb]
     return {
         "machine": machine_description(),
         "config": asdict(cfg),
-        "rows": [{"name": r.name, "images_per_s": r.rate, "runs": r.rates, "peak_rss_mb": r.peak_rss_bytes / 2**20,
-                  **r.extra} for r in rows],
-        "limit_images_per_s": machine_limit,
-        "efficiency": by["wanwu"].rate / machine_limit if machine_limit else 0.0,
+        "rows": [{"name": r.name, "images_per_s": r.rate, "runs": r.rates, "spread": r.spread,
+                  "peak_rss_mb": r.peak_rss_bytes / 2**20, **r.extra} for r in rows],
+        "limit_images_per_s": run_folder.extra["limit_images_per_s"],
+        "efficiency": run_folder.extra["of_limit"],
         "memory_by_job_size_mb": {str(n): b / 2**20 for n, b in memory.items()},
     }
 
 
+def _settings(row: Row, cpuinfo: str, cores: int) -> Settings:
+    """The baseline's settings on this CPU, also stated in its row."""
+    settings = baseline_settings(row.name, cpuinfo, cores)
+    row.extra["settings"] = settings.describe()
+    row.extra["precision"] = settings.precision
+    return settings
+
+
 def machine_description() -> dict:
-    """CPU, cores, bf16 support and library versions, for the report."""
+    """CPU (model, family/model numbers, the ISA features that matter), cores, memory and library versions."""
     from importlib import metadata
 
     from wanwu.pipeline.config import cpu_count
 
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
+    cpu = cpu_features(cpuinfo_text())
     versions = {}
-    for dist in ("wanwu", "torch", "openvino", "onnxruntime", "simplejpeg", "nvidia-dali-cuda120", "numpy", "pillow"):
+    for dist in ("wanwu", "torch", "torchvision", "openvino", "onnxruntime", "simplejpeg", "nvidia-dali-cuda120",
+                 "numpy", "pillow"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[dist] = None
+    isa = cpu.isa()
     return {
-        "cpu": model, "cores": cpu_count(), "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
-        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "cpu": cpu.model_name, "cpu_family": cpu.family, "cpu_model": cpu.model, "isa": isa,
+        "native_bf16": cpu.native_bf16, "amx_bf16": isa["AMX"], "avx512_bf16": isa["AVX512-BF16"],
+        "cores": cpu_count(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "python": sys.version.split()[0], "versions": versions,
     }

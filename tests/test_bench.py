@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 
@@ -10,8 +11,12 @@ import pytest
 from PIL import Image
 
 from conftest import run_wanwu
+from wanwu.bench.baselines import BASELINES
+from wanwu.bench.report import markdown, text_table
+from wanwu.bench.stages import archive_values, limit
+from wanwu.pipeline.pack.pack import pack
+from wanwu.stages.engines.hw import ISA_FLAGS, cpu_precision, cpuinfo_text
 from wanwu.stages.models.photos import build_corpus, corpus_sizes
-from wanwu.bench.stages import limit
 
 
 def test_corpus_has_the_documented_size_mix() -> None:
@@ -36,6 +41,46 @@ def test_limit_of_two_stages_sharing_cores() -> None:
     assert limit(1e9, 200.0) == pytest.approx(200.0, rel=1e-6)
 
 
+def test_archive_values_are_the_packed_jpegs(tmp_path) -> None:
+    build_corpus(tmp_path / "corpus", 3)
+    pack([str(tmp_path / "corpus")], str(tmp_path / "small.lmdb"), resize_shorter=64)
+    values = archive_values(str(tmp_path / "small.lmdb"))
+    assert len(values) == 3 and all(v[:2] == b"\xff\xd8" for v in values)  # JPEG start-of-image
+    for value in values:
+        with Image.open(io.BytesIO(value)) as im:
+            assert min(im.size) == 64  # what the LMDB row decodes: the packed, smaller JPEGs
+
+
+def _row(name: str, rate: float, **extra) -> dict:
+    return {"name": name, "images_per_s": rate, "runs": [rate], "spread": 0.0, "peak_rss_mb": 100.0, **extra}
+
+
+def test_report_states_settings_machine_and_each_rows_own_limit() -> None:
+    result = {
+        "machine": {"cpu": "AMD EPYC 7B13", "cpu_family": 25, "cpu_model": 1, "cores": 2, "memory_gb": 7.8,
+                    "isa": {"AVX2": True, "AVX512F": False, "AVX512-BF16": False, "AMX": False, "VNNI": False},
+                    "versions": {"torch": "2.14.1", "openvino": None}},
+        "config": {"images": 300, "repeats": 2},
+        "rows": [_row("naive", 10.0, settings="torch fp32, 2 threads, batch 1, channels_last"),
+                 _row("dataloader", 20.0), _row("openvino dataloader", 40.0), _row("decode only", 300.0),
+                 _row("inference only", 200.0),
+                 _row("wanwu", 100.0, limit_images_per_s=120.0, of_limit=100 / 120),
+                 _row("wanwu lmdb-256", 150.0, limit_images_per_s=180.0, of_limit=150 / 180)],
+        "limit_images_per_s": 120.0, "efficiency": 100 / 120,
+    }
+    md = markdown(result)
+    assert "AMD EPYC 7B13 (family 25, model 1), 2 cores, 7.8 GB" in md
+    assert "AVX2 yes, AVX512F no, AVX512-BF16 no, AMX no, VNNI no; torch 2.14.1" in md
+    assert "| wanwu | 100.0 | 10.0x | 5.00x | 2.50x | 83% | 100 |" in md
+    assert "| wanwu lmdb-256 | 150.0 | 15.0x | 7.50x | 3.75x | 83% | 100 |" in md
+    assert "| naive | 10.0 | 1.0x | 0.50x | 0.25x |  | 100 | torch fp32, 2 threads, batch 1, channels_last |" in md
+    assert "| decode only | 300.0 |  |  |  |  | 100 |" in md  # a stage alone: no ratios
+    assert "Largest spread between rounds" in md
+    table = text_table(result)
+    assert "vs openvino dataloader" in table.splitlines()[0]
+    assert all(line == line.rstrip() for line in table.splitlines())
+
+
 @pytest.mark.slow
 def test_bench_quick_runs_and_writes_its_reports(tmp_path) -> None:
     proc = run_wanwu("bench", "--quick", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
@@ -43,12 +88,23 @@ def test_bench_quick_runs_and_writes_its_reports(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "out" / "bench.json").read_text(encoding="utf-8"))
     names = [row["name"] for row in result["rows"]]
-    assert names == ["naive", "dataloader", "decode only", "inference only", "wanwu", "wanwu lmdb-256"]
-    assert all(row["images_per_s"] > 0 and row["peak_rss_mb"] > 0 for row in result["rows"])
-    assert result["machine"]["cores"] >= 1 and result["machine"]["versions"]["torch"]
-    assert 0 < result["limit_images_per_s"] and result["efficiency"] > 0
+    assert names == ["naive", "dataloader", "openvino dataloader", "decode only", "decode only lmdb-256",
+                     "inference only", "wanwu", "wanwu lmdb-256"]
+    assert all(row["images_per_s"] > 0 and row["peak_rss_mb"] > 0 and row["settings"] for row in result["rows"])
+    by = {row["name"]: row for row in result["rows"]}
+    expected = cpu_precision("auto", cpuinfo_text())  # every baseline as wanwu's auto
+    assert {by[name]["precision"] for name in BASELINES} == {expected}
+    assert by["openvino dataloader"]["settings"].startswith(f"openvino {expected}")
+    inference = by["inference only"]["images_per_s"]
+    for name, decode in (("wanwu", "decode only"), ("wanwu lmdb-256", "decode only lmdb-256")):
+        # each job's limit from its own stages
+        assert by[name]["limit_images_per_s"] == pytest.approx(limit(by[decode]["images_per_s"], inference))
+        assert by[name]["of_limit"] == pytest.approx(by[name]["images_per_s"] / by[name]["limit_images_per_s"])
+    machine = result["machine"]
+    assert machine["cores"] >= 1 and machine["versions"]["torch"] and set(machine["isa"]) == set(ISA_FLAGS)
+    assert result["limit_images_per_s"] == by["wanwu"]["limit_images_per_s"] and result["efficiency"] > 0
     md = (tmp_path / "out" / "bench.md").read_text(encoding="utf-8")
-    assert "| wanwu |" in md and "Machine:" in md
+    assert "| wanwu |" in md and "| openvino dataloader |" in md and "Machine:" in md
     with Image.open(tmp_path / "out" / "bench.png") as im:
         assert im.format == "PNG" and im.size[0] > 400
     assert "images/s" in proc.stdout

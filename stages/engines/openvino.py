@@ -24,7 +24,7 @@ from wanwu.errors import EngineError
 from wanwu.stages.models.base import ModelSpec
 from wanwu.stages.engines.base import Engine, EngineConfig
 from wanwu.stages.engines.cache import cache_key, cached_file
-from wanwu.stages.engines.hw import cpu_count, cpu_has_bf16
+from wanwu.stages.engines.hw import cpu_count, cpu_precision, cpuinfo_text
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class OpenVINOEngine(Engine):
             source: str | ov.Model = str(xml)
         else:
             xml, source = Path(self.model.path), read_model_file(self.model)
-        bf16 = self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and cpu_has_bf16())
+        bf16 = cpu_precision(self.cfg.precision, cpuinfo_text()) == "bf16"
         self._recheck = bf16 and self.cfg.precision == "auto"
         self.precision = "bf16+fp32" if self._recheck else "bf16" if bf16 else "fp32"
         threads = self.cfg.threads or cpu_count()

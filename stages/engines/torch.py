@@ -16,7 +16,7 @@ import torch
 from wanwu.errors import EngineError
 
 from wanwu.stages.engines.base import Engine
-from wanwu.stages.engines.hw import cpu_count, cpu_has_bf16
+from wanwu.stages.engines.hw import cpu_count, cpu_precision, cpuinfo_text
 from wanwu.stages.engines.wrappers import wrap_for_uint8
 
 logger = logging.getLogger(__name__)
@@ -67,9 +67,7 @@ class TorchEngine(Engine):
             if wanted == "fp32":
                 return "fp32"
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        if wanted == "bf16" or (wanted == "auto" and cpu_has_bf16()):
-            return "bf16"
-        return "fp32"
+        return cpu_precision(wanted, cpuinfo_text())
 
     def _autocast(self) -> Any:
         if self._compute == "fp32":
