@@ -71,6 +71,9 @@ class InferRequest:
     timeout_s: float | None = None  # from the request parameter "timeout" (microseconds, as Triton)
 
 
+MAX_TIMEOUT_US = 24 * 3600 * 10**6  # a day: longer is a mistake, and 10**400 must not overflow a float
+
+
 def parse_infer_request(body: bytes, header_length: int | None, model: str) -> InferRequest:
     """Parse an infer request body (JSON, or JSON header + binary tensor data).
 
@@ -229,6 +232,48 @@ def _output_values(out: RequestedOutput, records: list[Record], k: int) -> tuple
     if out.name == "SCORES":
         return "FP32", [len(rows), k], [float(d["score"]) for row in rows for d in row]
     return "BYTES", [len(rows), k], [json.dumps(d, ensure_ascii=False).encode("utf-8") for row in rows for d in row]
+
+
+def timeout_from_us(value: Any) -> float | None:
+    """The request parameter ``timeout`` (microseconds, as Triton's clients send it) in seconds.
+
+    None (no parameter) stays None: the backend's default applies.
+
+    Raises:
+        RequestError: 400 unless ``value`` is an int in ``1..MAX_TIMEOUT_US`` (the check
+            ``parse_infer_request`` makes), so that a negative or huge value is refused here
+            rather than overflow a wait later.
+    """
+    if value is None:
+        return None
+    if type(value) is not int or not 0 < value <= MAX_TIMEOUT_US:  # bool is an int too
+        raise _bad(f"expected parameter 'timeout' in 1..{MAX_TIMEOUT_US} microseconds, got {value!r:.40}")
+    return value / 1e6
+
+
+@dataclass(frozen=True)
+class RawOutput:
+    """One output tensor as binary tensor data: the HTTP binary extension's blob, gRPC's raw contents."""
+
+    name: str  # "LABELS" or "SCORES"
+    datatype: str  # "BYTES" or "FP32"
+    shape: tuple[int, ...]  # (images, labels per image)
+    data: bytes  # row-major; BYTES as 4-byte little-endian lengths and bytes, FP32 little-endian
+
+
+def raw_outputs(outputs: tuple[RequestedOutput, ...], records: list[Record]) -> list[RawOutput]:
+    """The requested outputs of ``records`` (none with an error; see ``check_records``), in order.
+
+    Same tensors as ``encode_infer_response`` sends as binary data: every image gets the
+    labels all of them have (``k``), classification strings when the output asks.
+    """
+    k = min(len(r.labels) for r in records)
+    raw = []
+    for out in outputs:
+        datatype, shape, values = _output_values(out, records, k)
+        data = serialize_bytes(values) if datatype == "BYTES" else np.asarray(values, "<f4").tobytes()
+        raw.append(RawOutput(out.name, datatype, tuple(shape), data))
+    return raw
 
 
 def _dict(value: Any, what: str) -> dict:
