@@ -74,11 +74,16 @@ class InferRequest:
 MAX_TIMEOUT_US = 24 * 3600 * 10**6  # a day: longer is a mistake, and 10**400 must not overflow a float
 
 
-def parse_infer_request(body: bytes, header_length: int | None, model: str) -> InferRequest:
+def parse_infer_request(body: bytes, header_length: int | None, model: str,
+                        max_images: int | None = None) -> InferRequest:
     """Parse an infer request body (JSON, or JSON header + binary tensor data).
 
+    Sizes and counts are checked before objects are built: the JSON header's count of
+    objects and arrays against what a request of ``max_images`` images can hold, and
+    the input's declared image count before its binary data is split.
+
     Raises:
-        RequestError: 400 with what was expected and what came.
+        RequestError: 400 with what was expected and what came; 413 over ``max_images``.
     """
     if header_length is None:
         header, blob = body, b""
@@ -86,6 +91,8 @@ def parse_infer_request(body: bytes, header_length: int | None, model: str) -> I
         header, blob = body[:header_length], memoryview(body)[header_length:]
     else:
         raise _bad(f"expected Inference-Header-Content-Length in 1..{len(body)}, got {header_length}")
+    if max_images is not None:
+        _check_json_size(header, max_images)
     try:
         doc = json.loads(header)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
@@ -95,19 +102,31 @@ def parse_infer_request(body: bytes, header_length: int | None, model: str) -> I
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise _bad(f"expected exactly one input {INPUT!r} for model {model!r}, got {_names(inputs)}")
-    images = _parse_input(inputs[0], blob, model)
+    images = _parse_input(inputs[0], blob, model, max_images)
     params = _dict(doc.get("parameters"), "request parameters")
     binary_default = params.get("binary_data_output", False) is True
-    timeout_us = params.get("timeout")
-    if timeout_us is not None and (type(timeout_us) is not int or timeout_us <= 0):  # bool is an int too
-        raise _bad(f"expected parameter 'timeout' as positive microseconds, got {timeout_us!r}")
+    timeout_s = timeout_from_us(params.get("timeout"))
     request_id = doc.get("id")
     return InferRequest(images, _parse_outputs(doc.get("outputs"), binary_default),
-                        str(request_id) if request_id is not None else None,
-                        timeout_us / 1e6 if timeout_us else None)
+                        str(request_id) if request_id is not None else None, timeout_s)
 
 
-def _parse_input(tensor: dict, blob: memoryview | bytes, model: str) -> list[bytes]:
+def _check_json_size(header: bytes | memoryview, max_images: int) -> None:
+    """Refuse JSON whose objects and arrays could not belong to a request of ``max_images`` images.
+
+    ``json.loads`` turns ``{"x":[{},{},...]}`` into about 30 times its size in Python
+    objects; counting the brackets first (strings included, which only overcounts) costs
+    one pass over the bytes and builds nothing.
+    """
+    data = bytes(header)
+    containers = data.count(b"{") + data.count(b"[")
+    allowed = 64 + 2 * max_images  # envelope, parameters and outputs, plus [s] per image
+    if containers > allowed:
+        raise RequestError(413, f"expected a JSON request of at most {allowed} objects and arrays for "
+                                f"{max_images} images, got {containers}")
+
+
+def _parse_input(tensor: dict, blob: memoryview | bytes, model: str, max_images: int | None = None) -> list[bytes]:
     if tensor.get("name") != INPUT:
         raise _bad(f"unexpected inference input {tensor.get('name')!r} for model {model!r}, expected {INPUT!r}")
     if tensor.get("datatype") != "BYTES":
@@ -117,6 +136,8 @@ def _parse_input(tensor: dict, blob: memoryview | bytes, model: str) -> list[byt
             or shape[0] < 0 or (len(shape) == 2 and shape[1] != 1)):
         raise _bad(f"expected input {INPUT!r} of shape [n, 1] or [n], got {shape!r}")
     count = shape[0]
+    if max_images is not None and count > max_images:
+        raise RequestError(413, f"expected at most {max_images} images per request, got {count}")
     params = _dict(tensor.get("parameters"), f"parameters of input {INPUT!r}")
     size = params.get("binary_data_size")
     if size is not None:
@@ -179,8 +200,11 @@ def deserialize_bytes(buf: memoryview | bytes, count: int) -> list[bytes]:
                        f"{len(buf) - offset} remain")
         out.append(bytes(buf[offset:offset + length]))
         offset += length
+        if len(out) > count:  # stop at once: millions of tiny elements must not be split first
+            break
     if len(out) != count:
-        raise _bad(f"expected {count} elements in input {INPUT!r} as its shape says, got {len(out)}")
+        got = f"{len(out)}" if offset >= len(buf) else f"more than {count}"
+        raise _bad(f"expected {count} elements in input {INPUT!r} as its shape says, got {got}")
     return out
 
 
@@ -189,16 +213,23 @@ def serialize_bytes(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in items)
 
 
+# Error record types that are the input's fault; any other (a worker that died, a drain) is the server's.
+CLIENT_ERRORS = frozenset({"InputError", "ReadError", "DecodeError", "PixelLimitError"})
+
+
 def check_records(records: list[Record]) -> None:
     """Fail the whole request when an image could not be recognised, naming each bad image.
 
     Raises:
-        RequestError: 400 ``"image 2 of 3: DecodeError: ..."``, as Triton fails a request with a bad input.
+        RequestError: 400 ``"image 2 of 3: DecodeError: ..."`` when the images are at fault, as
+            Triton fails a request with a bad input; 503 (retryable) when any failure was the
+            server's (a worker died, the daemon is draining).
     """
     bad = [(i, r.error) for i, r in enumerate(records) if r.error]
     if bad:
         detail = "; ".join(f"image {i} of {len(records)}: {e.get('type')}: {e.get('message')}" for i, e in bad)
-        raise _bad(detail)
+        server_side = any(e.get("type") not in CLIENT_ERRORS for _, e in bad)
+        raise RequestError(503, detail) if server_side else _bad(detail)
 
 
 def encode_infer_response(info: ModelInfo, request: InferRequest, records: list[Record]) -> tuple[bytes, int | None]:
