@@ -340,7 +340,9 @@ def test_shutdown_lets_in_flight_finish_and_is_safe_twice(backend, images):
     held.gate.set()
     asker.join(60)
     closer.join(60)
-    assert events == ["answered", "shut down"]
+    # Both happened; which thread records first after the answer leaves is a race. That the shutdown
+    # waited for the request in flight is shown above: it was still running while the request was held.
+    assert sorted(events) == ["answered", "shut down"]
     assert json.loads(results[0].as_numpy("LABELS")[0, 0])["class_id"] in CAT_CLASSES
     door.shutdown()  # safe twice
     with triton.InferenceServerClient(address) as client:
