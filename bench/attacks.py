@@ -104,9 +104,10 @@ class Flood:
                     sel.unregister(sock)
                     sock.close()  # type: ignore[union-attr]
                     self.closed_by_server += 1
-                    self._connect(sel)  # a flood keeps its numbers up
             if time.monotonic() >= next_byte:
                 next_byte += self.byte_interval_s
+                for _ in range(self.n - len(sel.get_map())):  # a flood keeps its numbers up, once a tick
+                    self._connect(sel)
                 for key in list(sel.get_map().values()):
                     head, sent = key.data
                     try:

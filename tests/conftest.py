@@ -199,9 +199,15 @@ class Served:
         self.proc = subprocess.Popen(wanwu_cmd("serve", "--http-port", "0", "--metrics-port", "0", *args),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, **(env or {})}, preexec_fn=limit if nofile else None)
+        # Read its log as it comes, as a journal would: a full pipe would block the daemon's next log line.
+        self._log: list[str] = []
+        self._reader = threading.Thread(target=lambda: self._log.extend(self.proc.stderr), daemon=True)
+        self._reader.start()
         line = self.proc.stdout.readline()  # the ready line, once the model is loaded
         if not line:
-            raise AssertionError(f"wanwu serve did not start: {self.proc.stderr.read()[-3000:]}")
+            self.proc.wait(30)
+            self._reader.join(10)
+            raise AssertionError(f"wanwu serve did not start: {''.join(self._log)[-3000:]}")
         self.addresses = json.loads(line)
 
     @property
@@ -213,7 +219,8 @@ class Served:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout)
-        self.stderr = self.proc.stderr.read()
+        self._reader.join(10)
+        self.stderr = "".join(self._log)
         return code
 
     def worker_pids(self, role: str) -> list[int]:

@@ -41,7 +41,8 @@ def images(photos):
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     out = tmp_path_factory.mktemp("d") / "stream.jsonl"
-    served = Served("--max-queue-delay-ms", "5", "--decoders", "2", "--zmq", "tcp://127.0.0.1:0", "--zmq-stream", "tcp://127.0.0.1:0",
+    served = Served("--max-queue-delay-ms", "5", "--decoders", "2", "--grpc-port", "0",
+                    "--zmq", "tcp://127.0.0.1:0", "--zmq-stream", "tcp://127.0.0.1:0",
                     "--out", str(out))
     served.out = out
     yield served
@@ -93,6 +94,30 @@ def test_tritonclient_from_32_threads_binary_and_json(daemon, images):
         stats = client.get_inference_statistics(MODEL)["model_stats"][0]
     # Requests from many clients were batched together: fewer engine calls than images.
     assert int(stats["inference_count"]) >= 192 > int(stats["execution_count"])
+
+
+def test_tritonclient_grpc_from_32_threads(daemon, images):
+    """The gRPC door passes the same checks as HTTP, batched with it by the same daemon."""
+    import tritonclient.grpc as tgrpc
+
+    answered = []
+
+    def client_thread(i: int) -> None:
+        with tgrpc.InferenceServerClient(daemon.addresses["grpc"]) as client:
+            assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
+            assert client.get_model_metadata(MODEL).inputs[0].datatype == "BYTES"
+            for _ in range(3):
+                tensor = tgrpc.InferInput("IMAGE", [2, 1], "BYTES")
+                tensor.set_data_from_numpy(np.array([[images["chelsea"]], [images["coffee"]]], dtype=np.object_))
+                outputs = [tgrpc.InferRequestedOutput("LABELS", class_count=3), tgrpc.InferRequestedOutput("SCORES")]
+                result = client.infer(MODEL, [tensor], outputs=outputs)
+                check_labels(result.as_numpy("LABELS"), [CAT_CLASSES, COFFEE_CLASSES])
+                assert result.as_numpy("SCORES").shape == (2, 5)
+                answered.append(i)
+
+    errors = in_threads(client_thread, 32)
+    assert not errors, errors[:3]
+    assert len(answered) == 96
 
 
 def test_plain_http_base64_json(daemon, images):

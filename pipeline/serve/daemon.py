@@ -18,6 +18,7 @@ import signal
 import threading
 from typing import Iterable
 
+from wanwu.errors import ConfigError
 from wanwu.pipeline.serve.config import ServeConfig
 from wanwu.records import Record
 from wanwu.pipeline.serve.dispatch import PipelineBackend
@@ -92,6 +93,16 @@ class Daemon:
             self.addresses["http"] = f"{cfg.host}:{http.start()}"
             self.doors.append(http)
             self.http = http
+        if cfg.grpc_port >= 0:
+            try:
+                from wanwu.pipeline.serve.grpc_door import GrpcDoor
+            except ImportError as exc:
+                raise ConfigError(f"the gRPC door needs grpcio and tritonclient[grpc] (pip install 'wanwu[grpc]'): "
+                                  f"{exc}") from exc
+            grpc = GrpcDoor(self.backend, cfg.host, cfg.grpc_port, cfg.token or None, cfg.max_request_bytes,
+                            cfg.max_images_per_request, threads=cfg.http_threads, drain_s=cfg.drain_timeout_s)
+            self.addresses["grpc"] = grpc.start()
+            self.doors.append(grpc)
         if cfg.zmq_request or cfg.zmq_stream:
             from wanwu.pipeline.serve.zmq_door import ZmqDoor
 

@@ -84,7 +84,7 @@ class GrpcDoor:
 
     def __init__(self, backend: Backend, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
                  max_request_bytes: int = 64 << 20, max_images_per_request: int | None = None,
-                 threads: int = 16) -> None:
+                 threads: int = 16, drain_s: float = 30.0) -> None:
         if threads < 1 or max_request_bytes < 1 or (max_images_per_request is not None and max_images_per_request < 1):
             raise ConfigError(f"expected threads, max_request_bytes and max_images_per_request >= 1, got {threads}, "
                               f"{max_request_bytes}, {max_images_per_request}")
@@ -99,6 +99,7 @@ class GrpcDoor:
         self.max_request_bytes = max_request_bytes
         self.max_images_per_request = max_images_per_request
         self.threads = threads
+        self.drain_s = drain_s  # shutdown's default grace period
         self.address: str | None = None  # "host:port" as bound, after start()
         self._lock = threading.Lock()
         self._closed = False
@@ -136,8 +137,13 @@ class GrpcDoor:
             logger.info("KServe v2 gRPC front door on %s%s", self.address, " (token)" if self.token else "")
             return self.address
 
-    def shutdown(self, grace_s: float = 30.0) -> None:
-        """Stop accepting calls, let those in flight finish (at most ``grace_s``), close. Safe to call twice.
+    def alive(self) -> bool:
+        """Whether the door's event loop thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def shutdown(self, grace_s: float | None = None) -> None:
+        """Stop accepting calls, let those in flight finish (at most ``grace_s``, by default
+        ``drain_s``), close. Safe to call twice.
 
         Calls still running after ``grace_s`` are cancelled: their clients get CANCELLED.
         """
@@ -149,6 +155,7 @@ class GrpcDoor:
         if loop is None or thread is None or server is None or pool is None:
             return
         try:
+            grace_s = self.drain_s if grace_s is None else grace_s
             asyncio.run_coroutine_threadsafe(server.stop(grace_s), loop).result()
         finally:
             # A submit still blocked after the grace period answers nobody; do not wait for it.

@@ -10,7 +10,8 @@ that forwards everything to aiohttp's and adds three rules:
 * at most ``max_connections`` are open. At the cap, a new connection takes the
   place of the one that has waited longest without a request in progress (idle, or
   still trickling a head: what a slowloris flood is made of), so a real client still
-  gets in; only when every connection has a request in progress is the new one
+  gets in (it sends its request at once, and the flood's older connections give
+  way first). When every connection has a request in progress, the new one is
   answered ``503`` and closed, before a byte of it is read;
 * an idle connection (new, or between keep-alive requests) is closed after
   ``keepalive_timeout_s`` without a byte;

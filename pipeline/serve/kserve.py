@@ -39,6 +39,8 @@ from wanwu.pipeline.serve.kserve_handler import KServeRoutes
 
 logger = logging.getLogger(__name__)
 
+ACCEPT_BACKLOG = 128
+
 
 @dataclass(frozen=True)
 class HttpLimits:
@@ -116,17 +118,21 @@ class KServeHTTPServer:
 
     async def _open(self) -> None:
         self.routes = KServeRoutes(self)
-        # keepalive_timeout here too: aiohttp's own idle timer, the guard's is the hard one. No automatic
-        # decompression: the handler inflates bodies itself, bounded, so a gzip bomb stays small.
+        # The guard's deadlines are the ones that apply (and are counted); aiohttp's own idle timer only
+        # backs them up. No automatic decompression: the handler inflates bodies itself, bounded, so a
+        # gzip bomb stays small.
+        backstop_s = self.limits.keepalive_timeout_s + self.limits.header_timeout_s + 5
         self._runner = web.AppRunner(self.routes.app(), access_log=None, handle_signals=False,
-                                     keepalive_timeout=self.limits.keepalive_timeout_s,
-                                     shutdown_timeout=self.drain_s, auto_decompress=False)
+                                     keepalive_timeout=backstop_s, shutdown_timeout=self.drain_s,
+                                     auto_decompress=False)
         await self._runner.setup()
         assert self._runner.server is not None
         self.connections = GuardedConnections(self._runner.server, self.limits.guard)
         loop = asyncio.get_running_loop()
-        # A deep backlog: many clients connect at once, and the kernel holds them without a descriptor of ours.
-        self._server = await loop.create_server(self.connections, self.host, self.port, backlog=1024,
+        # asyncio accepts up to `backlog` connections in one go before the loop runs anything else (a
+        # refused one's close included): a modest backlog keeps a connection burst from using up the
+        # descriptors; connections beyond it wait in the clients' kernels, which retry.
+        self._server = await loop.create_server(self.connections, self.host, self.port, backlog=ACCEPT_BACKLOG,
                                                 reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
 
