@@ -9,6 +9,7 @@ of a normal request during each.
 from __future__ import annotations
 
 import json
+import os
 import selectors
 import socket
 import threading
@@ -247,7 +248,149 @@ def metric(url: str, name: str, labels: str = "") -> float:
     return 0.0
 
 
-if __name__ == "__main__":  # pragma: no cover - a report, run by hand
-    from wanwu.bench.attacks_report import main
+class Daemon:
+    """``wanwu serve`` in a child process under a file-descriptor limit, its log read as it comes."""
 
+    def __init__(self, *args: str, nofile: int = 1024) -> None:
+        import resource
+        import subprocess
+        import sys
+
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "wanwu", "serve", "--http-port", "0", "--metrics-port",
+                                      "0", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=limit)
+        self.log: list[str] = []
+        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("wanwu serve did not start:\n" + "".join(self.log)[-3000:])
+        self.addresses = json.loads(line)
+        self.url = self.addresses["http"]
+        host, port = self.url.rsplit(":", 1)
+        self.host, self.port = host, int(port)
+
+    def stop(self) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+
+def _probe(url: str, image: bytes, stop: threading.Event, out: list[float]) -> None:
+    """Normal requests, one after another, until ``stop``: their latencies (inf for a failure)."""
+    while not stop.is_set():
+        try:
+            out.append(infer_seconds(url, image, timeout_s=30))
+        except Exception:  # noqa: BLE001 (a failed normal request is what the row reports)
+            out.append(float("inf"))
+        time.sleep(0.2)
+
+
+def _row(daemon: Daemon, image: bytes, name: str, attack: Callable[[], str]) -> dict:
+    import statistics
+
+    stop, latencies = threading.Event(), []
+    prober = threading.Thread(target=_probe, args=(daemon.url, image, stop, latencies), daemon=True)
+    with ProcessSampler(daemon.proc.pid) as sampler:
+        base_rss, _ = sampler.sample()
+        prober.start()
+        result = attack()
+        stop.set()
+        prober.join(60)
+    after_rss, _ = sampler.sample()
+    ok = [x for x in latencies if x != float("inf")]
+    return {"attack": name, "result": result, "threads": sampler.max_threads,
+            "peak_rss_mb": round(sampler.peak_rss_mb), "rss_before_after_mb": (round(base_rss), round(after_rss)),
+            "normal_requests": f"{len(ok)}/{len(latencies)}",
+            "normal_p50_ms": round(statistics.median(ok) * 1000, 1) if ok else None}
+
+
+def main() -> int:  # pragma: no cover - a report, run by hand: python -m wanwu.bench.attacks
+    """Run every attack against a fresh daemon (defaults, ``ulimit -n 1024``); print a Markdown table."""
+    import signal
+    import skimage.data
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.chelsea()).save(buf, "JPEG", quality=90)
+    image = buf.getvalue()
+    daemon = Daemon("--decoders", "2", "--zmq", "tcp://127.0.0.1:0")
+    rows = []
+
+    def flood(n: int, seconds: float) -> Callable[[], str]:
+        def run() -> str:
+            f = Flood(daemon.host, daemon.port, n).start()
+            time.sleep(seconds)
+            f.stop()
+            return f"{f.connected} connections, {f.closed_by_server} closed by the daemon"
+        return run
+
+    def flood_and_kill() -> str:
+        f = Flood(daemon.host, daemon.port, 1500).start()
+        time.sleep(2)
+        os.kill(pid_of("decoder", daemon.proc.pid), signal.SIGKILL)
+        time.sleep(8)
+        f.stop()
+        metrics = daemon.addresses["metrics"]
+        restarts = metric(metrics, "wanwu_worker_restarts_total", 'stage="decoder"')
+        return f"decoder replaced ({restarts:.0f} restart); ready {metric(metrics, 'wanwu_ready'):.0f}"
+
+    def amplification() -> str:
+        body = json_amplification_body(64 << 20)
+        codes: list[int] = []
+        threads = [threading.Thread(target=lambda: codes.append(raw_post(
+            daemon.host, daemon.port, "/v2/models/efficientnet_lite0/infer", {}, body)[0])) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return f"statuses {sorted(codes)}"
+
+    def count_bomb() -> str:
+        body, header = binary_count_bomb(11_000_000)
+        start = time.perf_counter()
+        code, _ = raw_post(daemon.host, daemon.port, "/v2/models/efficientnet_lite0/infer",
+                           {"Inference-Header-Content-Length": str(header)}, body)
+        return f"{code} in {time.perf_counter() - start:.2f} s"
+
+    def zmq_bomb() -> str:
+        replied = zmq_big_message(daemon.addresses["zmq_request"], 8, 100 << 20)
+        return "answered" if replied else "connection dropped at the first frame, nothing held"
+
+    def sigstop() -> str:
+        frozen = pid_of("inference", daemon.proc.pid)
+        os.kill(frozen, signal.SIGSTOP)
+        start = time.monotonic()
+        while metric(daemon.addresses["metrics"], "wanwu_worker_stalls_total", 'stage="inference"') < 1:
+            time.sleep(0.2)
+        detected = time.monotonic() - start
+        while metric(daemon.addresses["metrics"], "wanwu_ready") < 1:
+            time.sleep(0.2)
+        return f"detected after {detected:.0f} s, ready again after {time.monotonic() - start:.0f} s"
+
+    for name, attack in [("none (baseline)", lambda: (time.sleep(3), "-")[1]),
+                         ("1,100 slow clients, 10 s", flood(1100, 10)),
+                         ("1,500 slow clients + kill -9 of a decoder", flood_and_kill),
+                         ("4 x 64 MiB JSON amplification bodies", amplification),
+                         ("binary request of 11 million 2-byte images", count_bomb),
+                         ("ZeroMQ message of 8 x 100 MB frames", zmq_bomb),
+                         ("SIGSTOP of the inference process", sigstop)]:
+        rows.append(_row(daemon, image, name, attack))
+        print(rows[-1], flush=True)
+    seen = statuses_during_drain(daemon.url, image, 8, 4, lambda: daemon.proc.send_signal(signal.SIGTERM))
+    code = daemon.stop()
+    rows.append({"attack": "SIGTERM (drain) under 8 clients", "result": f"statuses {seen}, exit {code}"})
+    keys = ["attack", "result", "threads", "peak_rss_mb", "rss_before_after_mb", "normal_requests", "normal_p50_ms"]
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
