@@ -2,8 +2,8 @@
 
 ``python -m wanwu.bench.serve [--images 300] [--duration 20] [--clients 1 8 64]``
 
-Starts ``wanwu serve`` (HTTP only) and drives it with Triton's own client,
-``tritonclient.http``: each client sends one image per request, waits for the
+Starts ``wanwu serve`` (HTTP and gRPC) and drives each door with Triton's own
+clients, ``tritonclient.http`` and ``tritonclient.grpc``: each client sends one image per request, waits for the
 answer, and sends the next, for ``--duration`` seconds after a warm-up. Clients
 are threads spread over a few processes (so the clients' own Python does not
 serialise on one GIL). The offline figure is ``wanwu run`` on the same corpus in
@@ -33,12 +33,16 @@ CLIENT_PROCESSES = 4
 MODEL = "efficientnet_lite0"
 
 
-def _client_process(url: str, images: list[bytes], threads: int, warm_from: float, count_from: float,
+def _client_process(door: str, url: str, images: list[bytes], threads: int, warm_from: float, count_from: float,
                     stop_at: float, first: int, out: mp.Queue) -> None:
-    """``threads`` closed-loop clients from ``warm_from`` to ``stop_at``; puts ``(latencies of the
-    requests started at or after ``count_from``, errors)``."""
+    """``threads`` closed-loop clients of ``door`` ("http" or "grpc") from ``warm_from`` to ``stop_at``;
+    puts ``(latencies of the requests started at or after ``count_from``, errors)``."""
+    import importlib
+
     import numpy as np
-    import tritonclient.http as triton
+
+    triton = importlib.import_module(f"tritonclient.{door}")
+    options = {"network_timeout": 120} if door == "http" else {}
 
     latencies: list[float] = []
     errors: list[str] = []
@@ -46,7 +50,7 @@ def _client_process(url: str, images: list[bytes], threads: int, warm_from: floa
 
     def loop(index: int) -> None:
         mine: list[float] = []
-        with triton.InferenceServerClient(url, network_timeout=120) as client:
+        with triton.InferenceServerClient(url, **options) as client:
             i = first + index
             while time.time() < warm_from:
                 time.sleep(0.001)
@@ -73,8 +77,8 @@ def _client_process(url: str, images: list[bytes], threads: int, warm_from: floa
     out.put((latencies, errors))
 
 
-def drive(url: str, images: list[bytes], clients: int, duration_s: float, warmup_s: float = 3.0) -> dict:
-    """Run ``clients`` closed-loop clients for ``duration_s``; return rate and latency percentiles."""
+def drive(door: str, url: str, images: list[bytes], clients: int, duration_s: float, warmup_s: float = 3.0) -> dict:
+    """Run ``clients`` closed-loop clients of ``door`` for ``duration_s``; return rate and latency percentiles."""
     procs_n = min(clients, CLIENT_PROCESSES)
     per = [clients // procs_n + (1 if k < clients % procs_n else 0) for k in range(procs_n)]
     ctx = mp.get_context("spawn")
@@ -82,7 +86,8 @@ def drive(url: str, images: list[bytes], clients: int, duration_s: float, warmup
     warm_from = time.time() + 3.0  # the client processes start and import first
     count_from = warm_from + warmup_s
     procs = [ctx.Process(target=_client_process,
-                         args=(url, images, n, warm_from, count_from, count_from + duration_s, 1000 * k, queue))
+                         args=(door, url, images, n, warm_from, count_from, count_from + duration_s, 1000 * k,
+                               queue))
              for k, n in enumerate(per)]
     for p in procs:
         p.start()
@@ -95,18 +100,19 @@ def drive(url: str, images: list[bytes], clients: int, duration_s: float, warmup
     def pct(q: float) -> float:
         return latencies[min(len(latencies) - 1, math.ceil(q * len(latencies)) - 1)] * 1000 if latencies else 0.0
 
-    return {"clients": clients, "requests": len(latencies), "errors": len(errors), "error_samples": errors[:3],
+    return {"door": door, "clients": clients, "requests": len(latencies), "errors": len(errors), "error_samples": errors[:3],
             "images_per_s": len(latencies) / duration_s, "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99),
             "mean_ms": statistics.fmean(latencies) * 1000 if latencies else 0.0}
 
 
-def start_daemon(extra: list[str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "wanwu", "serve", "--http-port", "0", "--metrics-port", "-1",
-                             *extra], stdout=subprocess.PIPE, text=True)
+def start_daemon(extra: list[str]) -> tuple[subprocess.Popen, dict]:
+    """``wanwu serve`` with HTTP and gRPC on free ports; returns the process and its addresses."""
+    proc = subprocess.Popen([sys.executable, "-m", "wanwu", "serve", "--http-port", "0", "--grpc-port", "0",
+                             "--metrics-port", "-1", *extra], stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if not line:
         raise RuntimeError("wanwu serve did not start")
-    return proc, json.loads(line)["http"]
+    return proc, json.loads(line)
 
 
 def offline_rate(folder: Path, workdir: Path, repeats: int) -> float:
@@ -122,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--duration", type=float, default=20.0, help="timed seconds per client count")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--doors", nargs="+", default=["http", "grpc"], choices=["http", "grpc"])
     parser.add_argument("--repeats", type=int, default=3, help="offline wanwu run repeats")
     parser.add_argument("--max-queue-delay-ms", default="5")
     parser.add_argument("--workdir", default="")
@@ -135,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     paths = build_corpus(folder, args.images)
     images = [p.read_bytes() for p in paths]
     offline = offline_rate(folder, workdir, args.repeats)
-    proc, url = start_daemon(["--max-queue-delay-ms", args.max_queue_delay_ms])
+    proc, addresses = start_daemon(["--max-queue-delay-ms", args.max_queue_delay_ms])
     try:
-        rows = [drive(url, images, c, args.duration) for c in args.clients]
+        rows = [drive(door, addresses[door], images, c, args.duration) for door in args.doors for c in args.clients]
     finally:
         proc.terminate()
         proc.wait(60)
@@ -153,13 +160,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| clients | images/s | vs offline | p50 ms | p90 ms | p99 ms | requests | errors |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| door | clients | images/s | vs offline | p50 ms | p90 ms | p99 ms | requests | errors |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     off = result["offline_images_per_s"]
     for r in result["rows"]:
-        lines.append(f"| {r['clients']} | {r['images_per_s']:.1f} | {r['images_per_s'] / off:.0%} | {r['p50_ms']:.1f} "
-                     f"| {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['requests']} | {r['errors']} |")
-    lines.append(f"| offline `wanwu run` | {off:.1f} | 100% | | | | | |")
+        lines.append(f"| {r.get('door', 'http')} | {r['clients']} | {r['images_per_s']:.1f} | "
+                     f"{r['images_per_s'] / off:.0%} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} "
+                     f"| {r['requests']} | {r['errors']} |")
+    lines.append(f"| offline `wanwu run` | | {off:.1f} | 100% | | | | | |")
     return "\n".join(lines)
 
 
