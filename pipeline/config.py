@@ -16,9 +16,8 @@ from wanwu.errors import ConfigError
 from wanwu.specs import Preprocess
 from wanwu.stages.decoders.base import DEFAULT_MAX_PIXELS, DecodeConfig
 from wanwu.stages.engines.base import EngineConfig
+from wanwu.stages.engines.hw import PRECISIONS
 from wanwu.pipeline.topology.batching import BatchPolicy
-
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def cpu_count() -> int:

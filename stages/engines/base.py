@@ -19,6 +19,7 @@ import numpy as np
 from wanwu.errors import ConfigError, EngineError
 from wanwu.registry import Registry
 from wanwu.specs import FrameSpec
+from wanwu.stages.engines.hw import PRECISIONS
 
 from wanwu.stages.models.base import ModelSpec
 
@@ -56,8 +57,8 @@ class EngineConfig:
     recheck_margin: float = RECHECK_MARGIN  # auto precision: recompute in fp32 below this top-2 logit margin
 
     def __post_init__(self) -> None:
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.max_batch_size <= 0 or self.threads < 0 or self.recheck_margin < 0:
             raise ConfigError(
                 f"expected max_batch_size > 0, threads >= 0 and recheck_margin >= 0, got "
