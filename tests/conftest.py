@@ -38,6 +38,12 @@ def photos() -> dict[str, np.ndarray]:
             "rocket": data.rocket()}
 
 
+@pytest.fixture(scope="session")
+def images(photos) -> dict[str, bytes]:
+    """Two encoded photos for the serving doors: a JPEG cat and a PNG cup of coffee."""
+    return {"chelsea": jpeg_bytes(photos["chelsea"]), "coffee": png_bytes(photos["coffee"])}
+
+
 def jpeg_bytes(arr: np.ndarray, quality: int = 90, size: tuple[int, int] | None = None) -> bytes:
     im = Image.fromarray(arr)
     if size:

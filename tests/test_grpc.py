@@ -21,7 +21,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import CAT_CLASSES, COFFEE_CLASSES, in_threads, jpeg_bytes, png_bytes
+from conftest import CAT_CLASSES, COFFEE_CLASSES, in_threads, jpeg_bytes
 from wanwu.errors import ConfigError, TransportError
 from wanwu.pipeline.serve import grpc_codec
 from wanwu.pipeline.serve.backend import ServeError
@@ -78,11 +78,6 @@ def address(watched):
 def client(address):
     with triton.InferenceServerClient(address) as client:
         yield client
-
-
-@pytest.fixture(scope="module")
-def images(photos):
-    return {"chelsea": jpeg_bytes(photos["chelsea"]), "coffee": png_bytes(photos["coffee"])}
 
 
 def image_input(*datas: bytes) -> triton.InferInput:

@@ -16,7 +16,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from conftest import CAT_CLASSES, COFFEE_CLASSES, in_threads, jpeg_bytes, png_bytes
+from conftest import CAT_CLASSES, COFFEE_CLASSES, in_threads, jpeg_bytes
 from wanwu.pipeline.serve.inprocess import InProcessBackend
 from wanwu.pipeline.serve.kserve import HttpLimits, KServeHTTPServer
 from wanwu.stages.models.base import get_model_spec
@@ -41,11 +41,6 @@ def url(backend):
 def client(url):
     with triton.InferenceServerClient(url) as client:
         yield client
-
-
-@pytest.fixture(scope="module")
-def images(photos):
-    return {"chelsea": jpeg_bytes(photos["chelsea"]), "coffee": png_bytes(photos["coffee"])}
 
 
 def image_input(*datas: bytes) -> triton.InferInput:

@@ -34,11 +34,6 @@ ZH = get_model_spec(MODEL).labels().zh
 
 
 @pytest.fixture(scope="module")
-def images(photos):
-    return {"chelsea": jpeg_bytes(photos["chelsea"]), "coffee": png_bytes(photos["coffee"])}
-
-
-@pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     out = tmp_path_factory.mktemp("d") / "stream.jsonl"
     served = Served("--max-queue-delay-ms", "5", "--decoders", "2", "--grpc-port", "0",

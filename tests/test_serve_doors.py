@@ -18,7 +18,7 @@ import pytest
 import zmq
 import zmq.auth
 
-from conftest import CAT_CLASSES, COFFEE_CLASSES, REPO, in_threads, jpeg_bytes, png_bytes
+from conftest import CAT_CLASSES, COFFEE_CLASSES, REPO, in_threads, jpeg_bytes
 from wanwu.errors import ConfigError
 from wanwu.pipeline.serve.backend import ServeError
 from wanwu.pipeline.serve.watch import HotFolder
@@ -30,11 +30,6 @@ from wanwu.stages.models.base import get_model_spec
 MODEL = "efficientnet_lite0"
 ZH = get_model_spec(MODEL).labels().zh
 CAT_LABELS = {ZH[c] for c in CAT_CLASSES}
-
-
-@pytest.fixture(scope="module")
-def images(photos):
-    return {"chelsea": jpeg_bytes(photos["chelsea"]), "coffee": png_bytes(photos["coffee"])}
 
 
 class Collector:
