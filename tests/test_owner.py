@@ -135,3 +135,45 @@ def test_a_dead_inference_process_restarts_every_producer():
     finally:
         topology.stop(10)
         topology.close()
+
+
+def test_a_replacement_that_cannot_be_spawned_is_tried_again_later():
+    """Out of file descriptors (EMFILE), spawning the replacement fails: the topology says so and
+    tries again once descriptors are free, instead of dying (run in a child, whose limit we lower)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import os, resource, signal, time
+        from wanwu.pipeline.config import PipelineConfig
+        from wanwu.pipeline.topology.owner import RestartPolicy, Topology
+        from wanwu.pipeline.topology.plan import make_plan
+        from wanwu.stages.models.base import get_model_spec
+
+        cfg = PipelineConfig(decoders=1)
+        topology = Topology(cfg, make_plan(cfg, get_model_spec()), [("decoder", 0)], RestartPolicy(max_backoff_s=1))
+        topology.start()
+        while not topology.ready("decoder-0"):
+            topology.poll(50)
+        os.kill(topology.pids()["decoder-0"], signal.SIGKILL)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        used = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (used, hard))  # not one descriptor to spare
+        deadline = time.monotonic() + 20
+        while topology.spawn_failures == 0 and time.monotonic() < deadline:
+            topology.poll(20)
+            restart = topology.supervise()  # no exception: the death is reported, nothing restarted yet
+            assert restart is None or (restart.names == () and restart.dead == ((0, 0),))
+        assert topology.spawn_failures >= 1 and not topology.ready("decoder-0")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        while not topology.ready("decoder-0") and time.monotonic() < deadline + 30:
+            topology.poll(20)
+            topology.supervise()
+        print("recovered" if topology.ready("decoder-0") else "not recovered", topology.spawn_failures)
+        topology.stop(10)
+        topology.close()
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("recovered"), result.stdout + result.stderr[-2000:]

@@ -282,6 +282,7 @@ class Topology:
             position.failed_starts += 1
             if not position.ever_ready or position.failed_starts >= self.policy.max_failed_starts:
                 raise StageError(why)
+        position.ready = False  # dead: not ready until a replacement says it is
         logger.error("%s, generation %d; restarting it", why, position.spec.generation)
         lived = now - position.started
         quick_repeat = lived < self.policy.stable_s and position.restarts > 0
