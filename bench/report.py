@@ -59,6 +59,15 @@ def markdown(result: dict) -> str:
         spread = max((r.get("spread", 0.0) for r in result["rows"]), default=0.0)
         lines.append(f"Largest spread between rounds ((fastest - slowest) / median, any row): {spread:.0%}.")
     lines.append(f"First record after {by['wanwu'].get('first_record_s', float('nan')):.2f} s (model cached).")
+    if "wanwu cache warm" in by and "wanwu 50% repeats" in by:
+        base, warm = by["wanwu"], by["wanwu cache warm"]
+        plain, cached = by["wanwu 50% repeats"], by["wanwu 50% repeats cached"]
+        counts = cached.get("cache", {})
+        lines.append(f"Result cache: a rerun with the cache warm {warm['images_per_s']:.1f} images/s against "
+                     f"{base['images_per_s']:.1f} without ({warm['images_per_s'] / base['images_per_s']:.1f}x); "
+                     f"a corpus of 50% repeats {cached['images_per_s']:.1f} with a cache starting empty against "
+                     f"{plain['images_per_s']:.1f} without ({cached['images_per_s'] / plain['images_per_s']:.2f}x; "
+                     f"{counts.get('hits', 0)} hits, {counts.get('misses', 0)} misses per run).")
     mem = result.get("memory_by_job_size_mb") or {}
     if mem:
         lines.append("Peak RSS by job size: " + ", ".join(f"{n} images {mb:.0f} MB" for n, mb in mem.items()) + ".")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -89,8 +90,13 @@ def _measure(row: Row, kind: str, args: dict) -> Callable[[bool], None]:
     return step
 
 
-def _wanwu(row: Row, inputs: list[str], workdir: Path, options: dict | None = None) -> Callable[[bool], None]:
-    """One ``wanwu run`` per call, timed from the moment its model is loaded (``bench/gate.py``)."""
+def _wanwu(row: Row, inputs: list[str], workdir: Path, options: dict | None = None,
+           cold_cache: bool = False) -> Callable[[bool], None]:
+    """One ``wanwu run`` per call, timed from the moment its model is loaded (``bench/gate.py``).
+
+    With ``options["cache"]``, the cache persists between calls (the warm-up fills it), unless
+    ``cold_cache``: then every call starts from an empty one.
+    """
     firsts: list[float] = []
     out = workdir / "results.jsonl"
     cmd = [sys.executable, "-m", "wanwu.bench.measure", "wanwu",
@@ -98,6 +104,8 @@ def _wanwu(row: Row, inputs: list[str], workdir: Path, options: dict | None = No
 
     def step(keep: bool) -> None:
         out.unlink(missing_ok=True)
+        if cold_cache:
+            shutil.rmtree((options or {})["cache"], ignore_errors=True)
         stdout, peak = _timed(cmd)
         stats = json.loads(stdout.strip().splitlines()[-1])
         if keep:
@@ -106,6 +114,8 @@ def _wanwu(row: Row, inputs: list[str], workdir: Path, options: dict | None = No
             firsts.append(stats["first_record_s"])
             row.extra.update(wall_images_per_s=stats["images_per_s"], busy=stats["busy"],
                              first_record_s=statistics.median(firsts))
+            if stats.get("cache"):
+                row.extra["cache"] = stats["cache"]
 
     return step
 
@@ -156,6 +166,11 @@ def run_suite(cfg: BenchConfig) -> dict:
              for row in baselines]
     decode, decode_lmdb, inference = Row("decode only"), Row("decode only lmdb-256"), Row("inference only")
     run_folder, run_lmdb = Row("wanwu"), Row("wanwu lmdb-256")
+    # The result cache: a rerun of the corpus with the cache its warm-up filled, and a corpus of
+    # which half are repeats of the other half (the same bytes under other names), without and
+    # with a cache that starts empty every run.
+    warm, repeats, repeats_cached = Row("wanwu cache warm"), Row("wanwu 50% repeats"), Row("wanwu 50% repeats cached")
+    repeat_folder = _repeats_corpus(paths, workdir / f"repeats-{cfg.images}", cfg.images)
     _interleaved(steps + [
         _measure(decode, "decode", {**common, "processes": cores, "decoder": "auto"}),
         _measure(decode_lmdb, "decode", {**common, "paths": [], "archive": str(archive), "processes": cores,
@@ -163,7 +178,11 @@ def run_suite(cfg: BenchConfig) -> dict:
         _measure(inference, "inference", {**common, "batch_size": 32, "engine": "auto"}),
         _wanwu(run_folder, [str(workdir / f"corpus-{cfg.images}")], workdir),
         _wanwu(run_lmdb, [str(archive)], workdir),
+        _wanwu(warm, [str(workdir / f"corpus-{cfg.images}")], workdir, {"cache": str(workdir / "cache-warm")}),
+        _wanwu(repeats, [str(repeat_folder)], workdir),
+        _wanwu(repeats_cached, [str(repeat_folder)], workdir, {"cache": str(workdir / "cache-cold")}, cold_cache=True),
     ], cfg.repeats)
+    shutil.rmtree(workdir / "cache-warm", ignore_errors=True)  # the next bench must start it cold
     for row in (decode, decode_lmdb):
         row.extra["settings"] = f"{cores} processes, {row.extra.pop('decoder', '?')} decoder"
     inference.extra["settings"] = f"{inference.extra.get('engine', '?')}, batch 32"
@@ -178,7 +197,11 @@ def run_suite(cfg: BenchConfig) -> dict:
         row = Row(f"wanwu {n}")
         _wanwu(row, [str(folder)], workdir)(True)
         memory[n] = row.peak_rss_bytes
-    rows = baselines + [decode, decode_lmdb, inference, run_folder, run_lmdb]
+    for row in (warm, repeats, repeats_cached):
+        row.extra["settings"] = {"wanwu cache warm": "--cache, filled by its warm-up run",
+                                 "wanwu 50% repeats": "no cache", "wanwu 50% repeats cached": "--cache, empty at start"}[
+            row.name]
+    rows = baselines + [decode, decode_lmdb, inference, run_folder, run_lmdb, warm, repeats, repeats_cached]
     return {
         "machine": machine_description(),
         "config": asdict(cfg),
@@ -188,6 +211,17 @@ def run_suite(cfg: BenchConfig) -> dict:
         "efficiency": run_folder.extra["of_limit"],
         "memory_by_job_size_mb": {str(n): b / 2**20 for n, b in memory.items()},
     }
+
+
+def _repeats_corpus(paths: list[Path], folder: Path, n: int) -> Path:
+    """``n`` names: the first half of the corpus, then each of those again under another name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    half = paths[: max(1, n // 2)]
+    for i in range(n):
+        link = folder / f"{i:06d}.jpg"
+        if not link.exists():
+            link.symlink_to(half[i % len(half)])
+    return folder
 
 
 def _settings(row: Row, cpuinfo: str, cores: int) -> Settings:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from wanwu.errors import ConfigError
 from wanwu.specs import Preprocess
@@ -18,6 +19,10 @@ from wanwu.stages.decoders.base import DEFAULT_MAX_PIXELS, DecodeConfig
 from wanwu.stages.engines.base import EngineConfig
 from wanwu.stages.engines.hw import PRECISIONS
 from wanwu.pipeline.topology.batching import BatchPolicy
+
+if TYPE_CHECKING:
+    from wanwu.stages.cache import RecordCache
+    from wanwu.stages.models.base import ModelSpec
 
 
 def cpu_count() -> int:
@@ -62,6 +67,8 @@ class PipelineConfig:
     max_wait_ms: float = 50.0  # run a partial batch after the input stream pauses this long
     max_queue_delay_ms: float = math.inf  # run a partial batch once its oldest image waited this long
     preferred_batch_sizes: tuple[int, ...] = ()  # batch sizes to run without waiting for more
+    cache: str = ""  # folder of the result cache (LMDB); "" = no cache
+    cache_max_bytes: int = 1 << 30  # the cache file's bound; least recently used answers go first
 
     def __post_init__(self) -> None:
         positive = {"decoders": self.decoders, "batch_size": self.batch_size, "top_k": self.top_k,
@@ -95,6 +102,27 @@ class PipelineConfig:
     def decode_config(self, preprocess: Preprocess) -> DecodeConfig:
         """The decoders' settings for a model's geometry."""
         return DecodeConfig(preprocess, self.max_pixels, self.device)
+
+    def open_cache(self, model: "ModelSpec") -> "RecordCache | None":
+        """The result cache for ``model`` under these settings, or None without ``cache``.
+
+        Its identity covers what changes an answer: the model and its weights, the
+        preprocessing, the labels, top-k, the engine, and the precision as this CPU runs it.
+
+        Raises:
+            ConfigError: ``cache`` is not a wanwu cache.
+        """
+        if not self.cache:
+            return None
+        from wanwu.stages.cache import RecordCache, answer_identity
+        from wanwu.stages.engines.base import resolve_engine_name
+        from wanwu.stages.engines.hw import cpu_precision, cpuinfo_text
+
+        engine = resolve_engine_name(self.engine, self.device, model.format)
+        precision = self.precision if self.device != "cpu" else (
+            f"{self.precision}:{cpu_precision(self.precision, cpuinfo_text())}")
+        identity = answer_identity(model, engine, precision, self.top_k)
+        return RecordCache(self.cache, identity, self.cache_max_bytes)
 
 
 @dataclass(frozen=True, kw_only=True)

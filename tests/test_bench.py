@@ -89,7 +89,8 @@ def test_bench_quick_runs_and_writes_its_reports(tmp_path) -> None:
     result = json.loads((tmp_path / "out" / "bench.json").read_text(encoding="utf-8"))
     names = [row["name"] for row in result["rows"]]
     assert names == ["naive", "dataloader", "openvino dataloader", "decode only", "decode only lmdb-256",
-                     "inference only", "wanwu", "wanwu lmdb-256"]
+                     "inference only", "wanwu", "wanwu lmdb-256", "wanwu cache warm", "wanwu 50% repeats",
+                     "wanwu 50% repeats cached"]
     assert all(row["images_per_s"] > 0 and row["peak_rss_mb"] > 0 and row["settings"] for row in result["rows"])
     by = {row["name"]: row for row in result["rows"]}
     expected = cpu_precision("auto", cpuinfo_text())  # every baseline as wanwu's auto
@@ -103,8 +104,13 @@ def test_bench_quick_runs_and_writes_its_reports(tmp_path) -> None:
     machine = result["machine"]
     assert machine["cores"] >= 1 and machine["versions"]["torch"] and set(machine["isa"]) == set(ISA_FLAGS)
     assert result["limit_images_per_s"] == by["wanwu"]["limit_images_per_s"] and result["efficiency"] > 0
+    # The warm rerun answers every image from the cache; with 50% repeats, half are hits.
+    images = result["config"]["images"]
+    assert by["wanwu cache warm"]["cache"] == {"hits": images, "misses": 0, "insertions": 0, "evictions": 0}
+    cached = by["wanwu 50% repeats cached"]["cache"]
+    assert cached["hits"] + cached["misses"] == images and cached["misses"] == images // 2
     md = (tmp_path / "out" / "bench.md").read_text(encoding="utf-8")
-    assert "| wanwu |" in md and "| openvino dataloader |" in md and "Machine:" in md
+    assert "| wanwu |" in md and "| openvino dataloader |" in md and "Machine:" in md and "Result cache:" in md
     with Image.open(tmp_path / "out" / "bench.png") as im:
         assert im.format == "PNG" and im.size[0] > 400
     assert "images/s" in proc.stdout

@@ -78,7 +78,10 @@ def test_a_payload_frame_travels_after_its_message():
 
 
 def test_records_keep_their_field_order_and_error_types():
-    assert list(RECORD.to_dict()) == [f.name for f in fields(Record)]
+    from wanwu.records import RECORD_FIELDS
+
+    assert list(RECORD.to_dict()) == list(RECORD_FIELDS) == [f.name for f in fields(Record)][:-1]
+    assert RECORD.__class__(**{**RECORD.to_dict(), "cached": True}).to_dict()["cached"] is True
     from wanwu.pipeline.serve.backend import ServeError
 
     failed = Record.failure("k", "zmq", "m", ServeError("queue_full", "full"), t0=time.time() - 0.01)

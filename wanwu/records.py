@@ -3,7 +3,8 @@
 A record is a ``Record``; sinks, front doors and resumed jobs all see the same
 fields: ``key``, ``source``, ``width``, ``height``, ``labels`` (best first, each
 ``{"label", "label_en", "class_id", "score"}``), ``model``, ``elapsed_ms``,
-``error`` (``None`` or ``{"type", "message"}``). ``to_dict()`` gives them in that
+``error`` (``None`` or ``{"type", "message"}``), and ``"cached": true`` after them
+for an answer that came from the result cache. ``to_dict()`` gives them in that
 order, which is the order JSONL lines and SQLite columns keep.
 
 Result records come from the classifier stage (``Record.results``); error records
@@ -57,15 +58,20 @@ class Record:
     model: str  # the resolved model's name
     elapsed_ms: float  # from reading the input to this record
     error: dict[str, str] | None = None  # {"type", "message"} or None
+    cached: bool = False  # the answer came from the result cache (an identical image seen before)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a plain dict, in ``RECORD_FIELDS`` order (what sinks write)."""
-        return {"key": self.key, "source": self.source, "width": self.width, "height": self.height,
-                "labels": self.labels, "model": self.model, "elapsed_ms": self.elapsed_ms, "error": self.error}
+        """The fields as a plain dict, in ``RECORD_FIELDS`` order (what sinks write); ``"cached": true``
+        follows for an answer from the cache, and is absent otherwise."""
+        out = {"key": self.key, "source": self.source, "width": self.width, "height": self.height,
+               "labels": self.labels, "model": self.model, "elapsed_ms": self.elapsed_ms, "error": self.error}
+        if self.cached:
+            out["cached"] = True
+        return out
 
     @classmethod
     def results(cls, items: Iterable[Described], scores: np.ndarray, class_ids: np.ndarray,

@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 
 from wanwu import __version__
 from wanwu.errors import ConfigError, WanwuError
+from wanwu.pipeline.cli.cache import add_cache_parser
 from wanwu.pipeline.cli.models import add_models_parser
 from wanwu.pipeline.cli.options import add_stage_options, model_options, pipeline_fields, positive_int
 from wanwu.pipeline.cli.serve import add_serve_parser
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_show(sub)
     add_models_parser(sub)
     add_serve_parser(sub)
+    add_cache_parser(sub)
     for entry in entry_points(group=COMMANDS_GROUP):  # commands shipped apart from the product (wanwu bench)
         try:
             entry.load()(sub)

@@ -70,6 +70,9 @@ def add_stage_options(p: argparse.ArgumentParser, defaults: bool = True) -> None
     g.add_argument("--precision", default=d("auto"), choices=list(PRECISIONS),
                    help="auto: bf16 where the hardware has it, near ties recomputed in fp32")
     g.add_argument("--threads", type=int, default=d(0), help="inference threads (0: all cores)")
+    g.add_argument("--cache", metavar="DIR", default=d(""),
+                   help="result cache (LMDB): an image seen before, by content, is not recognised again")
+    g.add_argument("--cache-max-bytes", type=positive_int, default=d(1 << 30), help="the cache's bound")
     add_model_options(p, defaults)
 
 

@@ -56,6 +56,7 @@ class JobResult:
     busy: dict[str, float] = field(default_factory=dict)  # worker -> busy share of its wall time
     failure: str = ""  # why the job failed
     restarts: int = 0  # workers restarted after they died
+    cache: dict[str, int] = field(default_factory=dict)  # result cache: hits, misses, insertions, evictions
     ready_s: float | None = None  # from start until every worker was ready (model loaded)
     first_record_s: float | None = None  # from start until the sink reported its first records
 
@@ -88,6 +89,10 @@ class JobResult:
         ]
         if self.busy:
             lines.append("busy share: " + ", ".join(f"{k} {v:.0%}" for k, v in sorted(self.busy.items())))
+        if self.cache:
+            c = self.cache
+            lines.append(f"cache: {c['hits']} hits, {c['misses']} misses, {c['insertions']} insertions, "
+                         f"{c['evictions']} evictions")
         if self.restarts:
             lines.append(f"restarted {self.restarts} worker process(es) that died")
         if self.failure:
@@ -199,6 +204,8 @@ class Job:
         return False
 
     def _note_busy(self, event: Event) -> None:
+        if event.kind is EventKind.STATS and "cache" in event.data:
+            self.result.cache = event.data["cache"]
         if event.kind in (EventKind.BUSY, EventKind.STATS):
             wall = event.data.get("wall_s") or 0.0
             if wall > 0:

@@ -138,6 +138,10 @@ class Daemon:
                 if self.http is not None:  # the HTTP door's connection figures, as metrics
                     for what, value in self.http.stats().items():
                         self.metrics.http.labels(what).set(value)
+                if self.backend.cache is not None:
+                    for what, value in self.backend.cache.stats().items():
+                        if what not in ("path", "max_bytes"):
+                            self.metrics.cache.labels(what).set(value)
                 problem = self.broken()
                 if problem:
                     logger.error("%s; exiting with status 1 so that a service manager restarts the daemon", problem)

@@ -89,6 +89,7 @@ class PipelineBackend:
         self._stop_router = threading.Event()
         self._router: threading.Thread | None = None
         self._topology: Topology | None = None
+        self.cache = cfg.open_cache(self.spec)  # None without --cache; refused here when it is not ours
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -136,6 +137,8 @@ class PipelineBackend:
             self._router.join(STOP_TIMEOUT_S + 5)
         if self._topology is not None:
             self._topology.close()
+        if self.cache is not None:
+            self.cache.shutdown()
         self._waker.close()
 
     # ---- Backend protocol --------------------------------------------------------------------------
@@ -190,16 +193,23 @@ class PipelineBackend:
             prefix = f"{request.source}-{next(self._requests)}"
             keys = [f"{prefix}-{i}" for i in range(n)]
         t0 = time.time()
+        if not self._started.is_set() or self._draining:
+            raise ServeError("not_ready", f"model {self.spec.name!r} is not ready (loading or shutting down)")
+        contents = self._from_cache(request, images, keys, t0)
+        misses = [i for i in range(n) if request.records[i] is None]
         with self._lock:
             if not self._started.is_set() or self._draining:
                 raise ServeError("not_ready", f"model {self.spec.name!r} is not ready (loading or shutting down)")
-            if len(self._inflight) + n > self.cfg.max_queue_size:
+            if len(self._inflight) + len(misses) > self.cfg.max_queue_size:
                 self._count(request, "queue_full")
                 raise ServeError("queue_full", f"the queue holds {len(self._inflight)} images, at most "
                                                f"{self.cfg.max_queue_size}; try again later")
-            tickets = [self._inflight.add(key, request.source, t0, bytes(data), (request, i)).ticket
-                       for i, (key, data) in enumerate(zip(keys, images))]
-        self._waker.wake()
+            tickets = [self._inflight.add(keys[i], request.source, t0, bytes(images[i]), (request, i, contents[i])).ticket
+                       for i in misses]
+        if misses:
+            self._waker.wake()
+        else:
+            request.done.set()
         if not request.done.wait(timeout_s):
             with self._lock:
                 self._inflight.discard(tickets)
@@ -209,6 +219,20 @@ class PipelineBackend:
         outcome = "ok" if all(r.error is None for r in request.records) else "image_errors"
         self._count(request, outcome)
         return request.records
+
+    def _from_cache(self, request: _Request, images: Sequence[bytes], keys: Sequence[str], t0: float) -> list:
+        """Answer what the cache knows; return each image's content digest (None without a cache)."""
+        if self.cache is None:
+            return [None] * len(images)
+        from wanwu.stages.cache import digest
+
+        contents = [digest(data) for data in images]
+        for i, content in enumerate(contents):
+            answer = self.cache.get(content)
+            if answer is not None:
+                request.records[i] = self.cache.record(answer, keys[i], request.source, t0)
+                request.left -= 1
+        return contents
 
     def _count(self, request: _Request, outcome: str) -> None:
         elapsed = time.perf_counter() - request.start
@@ -223,7 +247,7 @@ class PipelineBackend:
         """Hand records to the requests waiting for them (entries already out of the ledger)."""
         ok = errors = 0
         for entry, record in answers:
-            request, index = entry.context
+            request, index, _ = entry.context
             if request.records[index] is not None:
                 continue
             request.records[index] = record
@@ -313,6 +337,8 @@ class PipelineBackend:
                     answers = [(e, r) for e, r in ((self._inflight.complete(t), r)
                                                    for t, r in zip(msg.tickets, msg.records)) if e is not None]
                 self._deliver(answers)  # type: ignore[arg-type]
+                if self.cache is not None:
+                    self.cache.put([(e.context[2], r) for e, r in answers if e.context[2] is not None])
 
     def _on_event(self, event: Event) -> None:
         if event.kind is EventKind.READY and event.stage == "inference":

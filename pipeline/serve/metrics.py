@@ -19,6 +19,8 @@ Metric names (all prefixed ``wanwu_``):
 * ``http{what}``: the HTTP door's ``connections`` open, ``refused_connections``,
   ``evicted_connections``, ``timed_out_connections`` (so far), ``inflight_bytes``,
   ``peak_inflight_bytes``, ``refused_for_budget``;
+* ``cache{what}``: the result cache's ``hits``, ``misses``, ``insertions``, ``evictions``
+  (so far; hits + misses = images looked up), ``entries`` and ``used_bytes``;
 * ``worker_restarts_total{stage}``, ``worker_stalls_total{stage}`` (killed by the
   watchdog), ``ready`` (1 when ready: the same facts as the readiness probe).
 """
@@ -63,6 +65,9 @@ class ServeMetrics:
         self.stalls = Counter("wanwu_worker_stalls", "Worker processes the watchdog found stuck and killed",
                               ["stage"], registry=r)
         self.ready = Gauge("wanwu_ready", "1 when the model is loaded and the daemon accepts requests", registry=r)
+        self.cache = Gauge("wanwu_cache", "The result cache: hits, misses, insertions and evictions so far "
+                                          "(hits + misses = images looked up), entries and bytes in it", ["what"],
+                           registry=r)
         self.http = Gauge("wanwu_http", "The HTTP door: open connections, connections refused, evicted and timed "
                                         "out so far, bytes of bodies in flight and their peak, requests refused "
                                         "for the byte budget", ["what"], registry=r)

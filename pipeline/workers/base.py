@@ -159,7 +159,7 @@ class Worker(ABC):
             if self._beat_thread is not None:
                 self._beat_thread.join(2)
             wall = time.perf_counter() - self._t_start
-            self.emit(EventKind.STATS, busy_s=self.busy_s, wall_s=wall, items=self.items)
+            self.emit(EventKind.STATS, busy_s=self.busy_s, wall_s=wall, items=self.items, **self._final_stats())
             self._shutdown()
             if self.pool is not None:
                 self.pool.close()
@@ -192,6 +192,10 @@ class Worker(ABC):
     @abstractmethod
     def _loop(self) -> None:
         """Hook: do the work until ``stopped()``."""
+
+    def _final_stats(self) -> dict[str, Any]:
+        """Hook: figures of the role's own for the owner's summary, sent once at exit."""
+        return {}
 
     def _shutdown(self) -> None:
         """Hook: release stages (safe to call whether or not ``_setup`` finished)."""

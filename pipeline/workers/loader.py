@@ -10,6 +10,12 @@ the sink, and ends the stream with ``End`` once nothing is in flight.
 
 ``Drain`` (Ctrl-C, SIGTERM) stops taking new inputs; the loader still waits for
 every input in flight, so every input that entered has its record.
+
+With a result cache, the bytes are hashed here, where they are first read: an
+image answered before becomes its record at once and never takes a decoder
+slot; the answers of the others are kept as their records come back. An image
+whose twin (the same bytes under another name) is still in flight waits for the
+twin's answer instead of being decoded again.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import logging
 import pickle
 import time
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import zmq
@@ -28,9 +35,20 @@ from wanwu.pipeline.topology.messages import Decoded, Drain, End, Lost, Records,
 from wanwu.pipeline.workers.base import Worker
 from wanwu.pipeline.workers.slots import ProducerSlots
 from wanwu.records import Record
+from wanwu.stages.cache import digest
+from wanwu.stages.models.base import get_model_spec
 from wanwu.stages.sources.base import FrameSource, SourceItem, job_key
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Content:
+    """What the cache needs to know of an input in flight: its content, and its twins waiting on it."""
+
+    digest: bytes
+    twins: list[tuple[str, str, float]] = field(default_factory=list)  # (key, source, t0) of the same bytes
+
 
 # Encoded images queued per decoder: enough to hide read latency, small enough
 # to bound memory (a few 12-megapixel JPEGs at most).
@@ -56,6 +74,8 @@ class LoaderWorker(Worker):
         with open(self.spec.done_keys_path, "rb") as f:
             self.done: set[str] = pickle.load(f)
         self.inflight = InFlight()
+        self.cache = self.cfg.open_cache(get_model_spec(self.cfg.model, **self.cfg.model_options()))
+        self.in_flight_content: dict[bytes, _Content] = {}  # digest -> the one input of that content in flight
         self.scan = self._scan()
         self.next_item: tuple[int, SourceItem, str] | None = None  # read from the scan, not yet sent
         self.frame_source: tuple[int, FrameSource] | None = None  # the frame source being read, if any
@@ -172,7 +192,20 @@ class LoaderWorker(Worker):
         except ReadError as exc:
             self._forward([Record.failure(key, item.source, self.plan.model_name, exc, t0)])
             return
-        self._send_work(self.inflight.add(key, item.source, t0, payload=(index, item)), data)
+        content = None
+        if self.cache is not None:
+            content = _Content(digest(data))
+            twin = self.in_flight_content.get(content.digest)
+            if twin is not None:  # the same bytes are in flight under another name: share their answer
+                twin.twins.append((key, item.source, t0))
+                self.cache.shared()
+                return
+            answer = self.cache.get(content.digest)
+            if answer is not None:  # seen before, under whatever name: answered without decoding
+                self._forward([self.cache.record(answer, key, item.source, t0)])
+                return
+            self.in_flight_content[content.digest] = content
+        self._send_work(self.inflight.add(key, item.source, t0, payload=(index, item), context=content), data)
 
     def _send_work(self, entry: Entry, data: bytes | memoryview) -> None:
         assert self.work is not None
@@ -215,21 +248,44 @@ class LoaderWorker(Worker):
             if isinstance(msg, Taken):
                 self.inflight.taken(msg.tickets, (msg.producer, msg.generation))
             elif isinstance(msg, Results):
-                self._forward([r for t, r in zip(msg.tickets, msg.records) if self.inflight.complete(t)])
+                done = [(entry, r) for entry, r in ((self.inflight.complete(t), r)
+                                                    for t, r in zip(msg.tickets, msg.records)) if entry is not None]
+                self._forward([r for _, r in done] + self._twins_of(done))
+                if self.cache is not None:
+                    self.cache.put([(entry.context.digest, r) for entry, r in done if entry.context is not None])
+
+    def _twins_of(self, done: list[tuple[Entry, Record]]) -> list[Record]:
+        """The records of the twins that waited on these inputs: the same answer under their own names."""
+        records = []
+        for entry, record in done:
+            content = entry.context
+            if content is None:
+                continue
+            self.in_flight_content.pop(content.digest, None)
+            records += [replace(record, key=key, source=source, elapsed_ms=round((time.time() - t0) * 1000.0, 3),
+                                cached=record.error is None) for key, source, t0 in content.twins]
+        return records
 
     def _fail(self, entries: list[Entry]) -> None:
-        """Error records for inputs whose workers died with them once too often."""
-        records = []
+        """Error records for inputs whose workers died with them once too often (and for their twins)."""
+        done = []
         for entry in entries:
             why = ("the worker process holding this input died twice" if entry.payload is not None else
                    "the inference process died while this frame was in flight (a frame cannot be read again)")
-            records.append(Record.failure(entry.key, entry.source, self.plan.model_name, StageError(why), entry.t0))
-        self._forward(records)
+            done.append((entry, Record.failure(entry.key, entry.source, self.plan.model_name, StageError(why),
+                                               entry.t0)))
+        self._forward([r for _, r in done] + self._twins_of(done))
 
     def _forward(self, records: list[Record]) -> None:
         if records:
             transport.send(self.records, Records(tuple(records)))
 
+    def _final_stats(self) -> dict:
+        cache = getattr(self, "cache", None)
+        return {"cache": cache.counts.as_dict()} if cache is not None else {}
+
     def _shutdown(self) -> None:
         for source in getattr(self, "sources", []):
             source.shutdown()
+        if getattr(self, "cache", None) is not None:
+            self.cache.shutdown()

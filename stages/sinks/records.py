@@ -14,7 +14,8 @@ logger = logging.getLogger(__name__)
 
 
 def normalise(record: Writable) -> Record:
-    """``record`` as a dict with exactly ``RECORD_FIELDS``, in that order, and fixed types.
+    """``record`` as a dict with exactly ``RECORD_FIELDS`` (and ``"cached": True`` when it came from the
+    result cache), in that order, and fixed types.
 
     Missing fields become ``None`` and other fields are dropped, so every sink
     reads back the same dict. ``width``/``height`` become ``int`` and
@@ -30,6 +31,8 @@ def normalise(record: Writable) -> Record:
     if not isinstance(key, str):
         raise SinkError(f"expected a record with a str 'key', got key={key!r}")
     out = {name: record.get(name) for name in RECORD_FIELDS}
+    if record.get("cached"):
+        out["cached"] = True  # an answer from the result cache says so; others carry no such field
     try:
         for name in ("width", "height"):
             if out[name] is not None:

@@ -26,9 +26,11 @@ CREATE TABLE IF NOT EXISTS results (
     model TEXT,
     elapsed_ms REAL,
     error TEXT,
-    top_label TEXT
+    top_label TEXT,
+    cached INTEGER
 )"""
-_COLUMNS = (*RECORD_FIELDS, "top_label")
+_COLUMNS = (*RECORD_FIELDS, "top_label", "cached")
+_REQUIRED = (*RECORD_FIELDS, "top_label")  # an output written before the cache existed lacks "cached"
 _INSERT = (
     f"INSERT OR IGNORE INTO results ({', '.join(_COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in _COLUMNS)})"
@@ -124,7 +126,8 @@ class SqliteSink(Sink):
             raise SinkError(f"expected an SQLite output, {path!r} does not exist")
         conn = _connect(path)
         try:
-            query = f"SELECT {', '.join(RECORD_FIELDS)} FROM results ORDER BY rowid"
+            cached = "cached" in {row[1] for row in conn.execute("PRAGMA table_info(results)")}
+            query = f"SELECT {', '.join(RECORD_FIELDS)}{', cached' if cached else ''} FROM results ORDER BY rowid"
             rows = conn.execute(query).fetchall()
         except sqlite3.Error as exc:
             raise SinkError(f"cannot read records from {path!r}: {exc}") from exc
@@ -136,6 +139,8 @@ class SqliteSink(Sink):
             for name in ("labels", "error"):
                 if record[name] is not None:
                     record[name] = json.loads(record[name])
+            if len(row) > len(RECORD_FIELDS) and row[-1]:
+                record["cached"] = True
             records.append(record)
         return records
 
@@ -161,13 +166,15 @@ def _prepare(conn: sqlite3.Connection, path: str, fsync: bool) -> None:
         conn.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
         conn.execute(_SCHEMA)
         _check_columns(conn, path)
+        if "cached" not in {row[1] for row in conn.execute("PRAGMA table_info(results)")}:
+            conn.execute("ALTER TABLE results ADD COLUMN cached INTEGER")
     except sqlite3.Error as exc:
         raise SinkError(f"cannot open {path!r} as an SQLite output: {exc}") from exc
 
 
 def _check_columns(conn: sqlite3.Connection, path: str) -> None:
     present = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
-    missing = [name for name in _COLUMNS if name not in present]
+    missing = [name for name in _REQUIRED if name not in present]
     if missing:
         raise SinkError(
             f"{path}: table 'results' lacks columns {missing}; expected a wanwu output "
@@ -201,4 +208,5 @@ def _row(record: Record) -> tuple[Any, ...]:
         record["elapsed_ms"],
         None if error is None else dumps(error),
         top_label(labels),
+        1 if record.get("cached") else None,
     )
