@@ -222,8 +222,9 @@ def statuses_during_drain(url: str, image: bytes, clients: int, duration_s: floa
     return seen
 
 
-def pid_of(role: str, owner: int) -> int:
-    """The pid of the owner's worker ``role`` (``inference``, ``decoder``)."""
+def worker_pids(owner: int, role: str) -> list[int]:
+    """Pids of the live workers of ``role`` (``inference``, ``decoder``, ...) whose parent is ``owner``."""
+    pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -232,9 +233,18 @@ def pid_of(role: str, owner: int) -> int:
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == owner and f"wanwu.pipeline.workers {role}" in cmd:
-            return int(entry.name)
-    raise LookupError(f"no {role} worker of {owner}")
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == owner and fields[0] != "Z" and f"wanwu.pipeline.workers {role} " in cmd:
+            pids.append(int(entry.name))
+    return pids
+
+
+def pid_of(role: str, owner: int) -> int:
+    """The pid of the owner's worker ``role`` (the first, for decoders)."""
+    pids = worker_pids(owner, role)
+    if not pids:
+        raise LookupError(f"no {role} worker of {owner}")
+    return pids[0]
 
 
 def metric(url: str, name: str, labels: str = "") -> float:
@@ -249,9 +259,16 @@ def metric(url: str, name: str, labels: str = "") -> float:
 
 
 class Daemon:
-    """``wanwu serve`` in a child process under a file-descriptor limit, its log read as it comes."""
+    """``wanwu serve`` in a child process and the addresses it printed; its log is read as it comes
+    (as a journal would: a full pipe would block the daemon's next log line).
 
-    def __init__(self, *args: str, nofile: int = 1024) -> None:
+    Args:
+        *args: flags after ``wanwu serve --http-port 0 --metrics-port 0``.
+        env: extra environment variables.
+        nofile: > 0 runs it under that file-descriptor limit (1,024 is systemd's default).
+    """
+
+    def __init__(self, *args: str, env: dict | None = None, nofile: int = 0) -> None:
         import resource
         import subprocess
         import sys
@@ -261,23 +278,35 @@ class Daemon:
 
         self.proc = subprocess.Popen([sys.executable, "-m", "wanwu", "serve", "--http-port", "0", "--metrics-port",
                                       "0", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     preexec_fn=limit)
-        self.log: list[str] = []
-        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
-        line = self.proc.stdout.readline()
+                                     env={**os.environ, **(env or {})}, preexec_fn=limit if nofile else None)
+        self._log: list[str] = []
+        self._reader = threading.Thread(target=lambda: self._log.extend(self.proc.stderr), daemon=True)
+        self._reader.start()
+        self.stderr = ""
+        line = self.proc.stdout.readline()  # the ready line, once the model is loaded
         if not line:
-            raise RuntimeError("wanwu serve did not start:\n" + "".join(self.log)[-3000:])
+            self.proc.wait(30)
+            self._reader.join(10)
+            raise RuntimeError("wanwu serve did not start:\n" + "".join(self._log)[-3000:])
         self.addresses = json.loads(line)
-        self.url = self.addresses["http"]
-        host, port = self.url.rsplit(":", 1)
-        self.host, self.port = host, int(port)
+        self.url = self.addresses.get("http", "")  # "" with --no-http
+        host, _, port = self.url.rpartition(":")
+        self.host, self.port = host, int(port or 0)
 
-    def stop(self) -> int:
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, then the exit status; ``stderr`` holds its log afterwards."""
         import signal
 
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
+        code = self.proc.wait(timeout)
+        self._reader.join(10)
+        self.stderr = "".join(self._log)
+        return code
+
+    def worker_pids(self, role: str) -> list[int]:
+        """Pids of this daemon's workers of ``role`` ("decoder" or "inference")."""
+        return worker_pids(self.proc.pid, role)
 
 
 def _probe(url: str, image: bytes, stop: threading.Event, out: list[float]) -> None:
@@ -319,7 +348,7 @@ def main() -> int:  # pragma: no cover - a report, run by hand: python -m wanwu.
     buf = io.BytesIO()
     Image.fromarray(skimage.data.chelsea()).save(buf, "JPEG", quality=90)
     image = buf.getvalue()
-    daemon = Daemon("--decoders", "2", "--zmq", "tcp://127.0.0.1:0")
+    daemon = Daemon("--decoders", "2", "--zmq", "tcp://127.0.0.1:0", nofile=1024)
     rows = []
 
     def flood(n: int, seconds: float) -> Callable[[], str]:

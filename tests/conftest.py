@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -15,6 +14,8 @@ from typing import Callable
 import numpy as np
 import pytest
 from PIL import Image
+
+from wanwu.bench.attacks import Daemon
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -192,58 +193,8 @@ def proc_state(pid: int) -> str:
         return "Z"
 
 
-class Served:
-    """A ``wanwu serve`` child process and the addresses it printed."""
-
-    def __init__(self, *args: str, env: dict | None = None, nofile: int = 0) -> None:
-        """Start it with ``args``; ``nofile`` > 0 runs it under that file-descriptor limit."""
-        import resource
-
-        def limit() -> None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-
-        self.proc = subprocess.Popen(wanwu_cmd("serve", "--http-port", "0", "--metrics-port", "0", *args),
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, **(env or {})}, preexec_fn=limit if nofile else None)
-        # Read its log as it comes, as a journal would: a full pipe would block the daemon's next log line.
-        self._log: list[str] = []
-        self._reader = threading.Thread(target=lambda: self._log.extend(self.proc.stderr), daemon=True)
-        self._reader.start()
-        line = self.proc.stdout.readline()  # the ready line, once the model is loaded
-        if not line:
-            self.proc.wait(30)
-            self._reader.join(10)
-            raise AssertionError(f"wanwu serve did not start: {''.join(self._log)[-3000:]}")
-        self.addresses = json.loads(line)
-
-    @property
-    def url(self) -> str:
-        return self.addresses["http"]
-
-    def stop(self, timeout: float = 60) -> int:
-        """SIGTERM, then the exit status (the test fails if it takes longer than ``timeout``)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
-        self._reader.join(10)
-        self.stderr = "".join(self._log)
-        return code
-
-    def worker_pids(self, role: str) -> list[int]:
-        """Pids of this daemon's workers of ``role`` ("decoder" or "inference")."""
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-                cmd = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == self.proc.pid and b"wanwu.pipeline.workers" in cmd and role.encode() in cmd:
-                pids.append(int(entry.name))
-        return pids
+# A ``wanwu serve`` child process (the attack report starts its daemons the same way).
+Served = Daemon
 
 
 def wanwu_cmd(*args: str) -> list[str]:
@@ -338,7 +289,6 @@ def random_resnest_state(shapes: dict, seed: int = 0) -> dict:
 def write_general_recognition(folder: Path, num_classes: int, seed: int = 0, state: dict | None = None) -> Path:
     """A ModelScope-style folder: ``pytorch_model.pt`` (DataParallel names in ``{"state_dict"}``),
     ``meta_info.txt`` (``index<TAB>label``) and a ``configuration.json`` as ModelScope keeps."""
-    import json
 
     import torch
 

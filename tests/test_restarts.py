@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import children_of, count_lines, make_corpus, wanwu_cmd
+from conftest import count_lines, make_corpus, wanwu_cmd
+from wanwu.bench.attacks import worker_pids
 from wanwu.stages.sinks.base import read_records
 
 pytestmark = pytest.mark.slow
@@ -39,10 +40,6 @@ def folder_with_a_slow_image(tmp_path_factory, photos) -> tuple[Path, list[str]]
     Image.fromarray(pixels).save(buf, "PNG", compress_level=1)
     (folder / BIG).write_bytes(buf.getvalue())
     return folder, keys + [BIG]
-
-
-def worker_pids(owner: int, role: str) -> list[int]:
-    return [pid for pid, cmd in children_of(owner).items() if f"wanwu.pipeline.workers {role} " in cmd + " "]
 
 
 def rss_mb(pid: int) -> float:

@@ -33,8 +33,6 @@ def daemon():
     served = Served("--decoders", "2", "--zmq", "tcp://127.0.0.1:0", "--max-connections", "256",
                     "--header-timeout-s", "3", "--keepalive-timeout-s", "3", "--stall-timeout-s", "4",
                     nofile=1024)
-    served.host, port = served.url.rsplit(":", 1)
-    served.port = int(port)
     yield served
     served.stop()
 

@@ -145,7 +145,7 @@ class Job:
                 self.result.elapsed_s = self._since_start()
             topology.stop(STOP_TIMEOUT_S)
             for event in topology.poll(0):  # the workers' last busy figures
-                self._note_busy(event)
+                self._note_stats(event)
             topology.close()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
@@ -200,10 +200,10 @@ class Job:
                 self.result.status = "finished" if event.data["complete"] else "interrupted"
                 return True
         else:
-            self._note_busy(event)
+            self._note_stats(event)
         return False
 
-    def _note_busy(self, event: Event) -> None:
+    def _note_stats(self, event: Event) -> None:
         if event.kind is EventKind.STATS and "cache" in event.data:
             self.result.cache = event.data["cache"]
         if event.kind in (EventKind.BUSY, EventKind.STATS):
