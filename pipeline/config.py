@@ -18,6 +18,8 @@ from wanwu.specs import Preprocess
 from wanwu.stages.decoders.base import DEFAULT_MAX_PIXELS, DecodeConfig
 from wanwu.stages.engines.base import EngineConfig
 from wanwu.stages.engines.hw import PRECISIONS
+from wanwu.stages.sources.sampling import SamplingConfig
+from wanwu.stages.sources.video import VideoConfig
 from wanwu.pipeline.topology.batching import BatchPolicy
 
 if TYPE_CHECKING:
@@ -69,6 +71,13 @@ class PipelineConfig:
     preferred_batch_sizes: tuple[int, ...] = ()  # batch sizes to run without waiting for more
     cache: str = ""  # folder of the result cache (LMDB); "" = no cache
     cache_max_bytes: int = 1 << 30  # the cache file's bound; least recently used answers go first
+    fps: float = 0.0  # video: recognise at most this many frames per second of stream time; 0 = every frame
+    every: int = 1  # video: then every N-th of those
+    keyframes: bool = False  # video: decode key frames only
+    dedupe: float = 0.0  # video: skip frames this close to the last one recognised (0-255 thumbnail difference)
+    rtsp_transport: str = "tcp"  # video: tcp | udp
+    open_timeout_s: float = 10.0  # video: connecting to a stream
+    read_timeout_s: float = 10.0  # video: silence from an open stream before it is reopened
 
     def __post_init__(self) -> None:
         positive = {"decoders": self.decoders, "batch_size": self.batch_size, "top_k": self.top_k,
@@ -85,6 +94,7 @@ class PipelineConfig:
                 f"--slots must be at least batch size + decoders ({self.batch_size + self.decoders}), got {self.slots}"
             )
         self.batch_policy()  # validates the batching fields
+        self.video_config()  # validates the video fields
 
     def batch_policy(self) -> BatchPolicy:
         """When the inference process runs a batch."""
@@ -94,6 +104,11 @@ class PipelineConfig:
         """Keyword arguments for ``resolve_model(self.model, **...)``: the model overrides."""
         return {"weights": self.weights, "labels": self.labels, "mean": self.mean or None,
                 "std": self.std or None, "resize_shorter": self.resize_shorter or None, "crop": self.crop or None}
+
+    def video_config(self, retry_unopened: bool = False) -> VideoConfig:
+        """How video files and streams are read; ``retry_unopened`` for cameras that must come up one day."""
+        return VideoConfig(SamplingConfig(self.fps, self.every, self.dedupe), self.keyframes, self.rtsp_transport,
+                           self.open_timeout_s, self.read_timeout_s, retry_unopened=retry_unopened)
 
     def engine_config(self) -> EngineConfig:
         """The engine's settings."""
@@ -133,6 +148,7 @@ class JobConfig(PipelineConfig):
     out: str  # results.jsonl or results.sqlite; also the resume ledger
     progress: str = "auto"  # auto | bar | log | none
     log_interval_s: float = 10.0  # between progress lines when not on a terminal
+    duration_s: float = 0.0  # stop taking input after this long (live streams); 0 = until the inputs end
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,6 +156,8 @@ class JobConfig(PipelineConfig):
 
         if self.progress not in MODES:
             raise ConfigError(f"--progress must be one of {', '.join(MODES)}, got {self.progress!r}")
+        if self.duration_s < 0:
+            raise ConfigError(f"--duration must be 0 (no limit) or positive, got {self.duration_s}")
         _check_distinct(self.inputs)
 
 
@@ -149,7 +167,7 @@ def _check_distinct(inputs: tuple[str, ...]) -> None:
 
     folders: list[tuple[str, str]] = []
     for location in inputs:
-        if location.partition(":")[0] in FRAME_SOURCES:
+        if location.partition(":")[0] in FRAME_SOURCES or "://" in location:
             canonical = location
         else:
             canonical = os.path.realpath(location.removeprefix("@"))

@@ -59,10 +59,13 @@ def test_a_decoder_that_disagrees_with_the_classifier_is_refused():
     require_match("decoder 'turbo'", FrameSpec((224, 224, 3)), "classifier", MODEL.preprocess.frame)
 
 
-def test_an_endless_source_must_be_the_only_input():
+def test_endless_sources_go_only_with_each_other():
     with pytest.raises(ConfigError, match="endless"):
         make_plan(PipelineConfig(), MODEL, [open_source("testsrc:", MODEL.preprocess),
                                             open_source(str(REPO / "samples"))])
+    plan = make_plan(PipelineConfig(), MODEL, [open_source("testsrc:", MODEL.preprocess),
+                                               open_source("rtsp://127.0.0.1:9/cam", MODEL.preprocess)])
+    assert plan.frame_producer and plan.decoders == 0  # two cameras: one producer, no decoder
 
 
 def test_inputs_read_twice_are_refused(tmp_path: Path):

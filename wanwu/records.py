@@ -4,7 +4,8 @@ A record is a ``Record``; sinks, front doors and resumed jobs all see the same
 fields: ``key``, ``source``, ``width``, ``height``, ``labels`` (best first, each
 ``{"label", "label_en", "class_id", "score"}``), ``model``, ``elapsed_ms``,
 ``error`` (``None`` or ``{"type", "message"}``), and ``"cached": true`` after them
-for an answer that came from the result cache. ``to_dict()`` gives them in that
+for an answer that came from the result cache, and ``"frame"`` for a video frame
+(``{"stream", "frame", "pts_s"}``, plus ``"time"``, ISO 8601 UTC, for a live stream). ``to_dict()`` gives them in that
 order, which is the order JSONL lines and SQLite columns keep.
 
 Result records come from the classifier stage (``Record.results``); error records
@@ -59,6 +60,7 @@ class Record:
     elapsed_ms: float  # from reading the input to this record
     error: dict[str, str] | None = None  # {"type", "message"} or None
     cached: bool = False  # the answer came from the result cache (an identical image seen before)
+    frame: dict[str, Any] | None = None  # a video frame's place in its stream: stream, frame, pts_s (, time)
 
     @property
     def ok(self) -> bool:
@@ -66,11 +68,13 @@ class Record:
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict, in ``RECORD_FIELDS`` order (what sinks write); ``"cached": true``
-        follows for an answer from the cache, and is absent otherwise."""
+        follows for an answer from the cache, and ``"frame"`` for a video frame; both are absent otherwise."""
         out = {"key": self.key, "source": self.source, "width": self.width, "height": self.height,
                "labels": self.labels, "model": self.model, "elapsed_ms": self.elapsed_ms, "error": self.error}
         if self.cached:
             out["cached"] = True
+        if self.frame is not None:
+            out["frame"] = self.frame
         return out
 
     @classmethod

@@ -20,6 +20,7 @@ from wanwu.pipeline.cli.cache import add_cache_parser
 from wanwu.pipeline.cli.models import add_models_parser
 from wanwu.pipeline.cli.options import add_stage_options, model_options, pipeline_fields, positive_int
 from wanwu.pipeline.cli.serve import add_serve_parser
+from wanwu.pipeline.cli.video import add_video_options, expand_inputs, non_negative
 from wanwu.pipeline.config import JobConfig
 from wanwu.pipeline.run.progress import MODES as PROGRESS_MODES
 
@@ -31,21 +32,26 @@ COMMANDS_GROUP = "wanwu.commands"  # entry points adding subcommands (wanwu benc
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "run", help="recognise every image in folders, LMDB archives or path lists",
+        "run", help="recognise every image in folders, LMDB archives or path lists, or frames of videos and streams",
         description="Stream images through loader, decoder and inference processes and write one "
-        "record per input. Running the same command again resumes where a previous run stopped.",
+        "record per input (per sampled frame of a video). Running the same command again resumes where a "
+        "previous run stopped; a live stream runs until Ctrl-C, SIGTERM or --duration.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="a folder (searched recursively), an LMDB archive made by `wanwu pack`, @list.txt, "
-                        "or testsrc: (generated frames; see the README)")
+                   help="a folder (searched recursively), an LMDB archive made by `wanwu pack`, @list.txt "
+                        "(of images, or of videos and stream URLs), a video file, a stream URL (rtsp://, "
+                        "http(s)://, tcp://, udp://), or testsrc: (generated frames; see the README)")
     p.add_argument("--out", "-o", required=True,
                    help="results.jsonl or results.sqlite; also the resume ledger")
     p.add_argument("--progress", default="auto", choices=PROGRESS_MODES,
                    help="bar on a terminal, log lines otherwise")
     p.add_argument("--stats-json", metavar="PATH", default=None,
                    help="also write the job's counts and timings as JSON")
+    p.add_argument("--duration", dest="duration_s", type=non_negative, default=0.0, metavar="S",
+                   help="stop taking input after S seconds, then finish what is in flight (0: no limit)")
     add_stage_options(p)
+    add_video_options(p)
     p.set_defaults(func=_cmd_run)
 
 
@@ -95,9 +101,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from wanwu.pipeline.run.job import run_job
     from wanwu.stages.sources.base import source_kind
 
-    for location in args.inputs:
+    inputs = expand_inputs(args.inputs)
+    for location in inputs:
         source_kind(location)  # fail fast on a bad input, before anything else
-    cfg = JobConfig(inputs=tuple(args.inputs), out=args.out, progress=args.progress, **pipeline_fields(args))
+    cfg = JobConfig(inputs=tuple(inputs), out=args.out, progress=args.progress, duration_s=args.duration_s,
+                    **pipeline_fields(args))
     _check_model(args)
     result = run_job(cfg)
     print(result.summary(args.out), file=sys.stderr)

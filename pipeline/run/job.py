@@ -57,6 +57,7 @@ class JobResult:
     failure: str = ""  # why the job failed
     restarts: int = 0  # workers restarted after they died
     cache: dict[str, int] = field(default_factory=dict)  # result cache: hits, misses, insertions, evictions
+    streams: dict[str, dict] = field(default_factory=dict)  # per video input: frames decoded, sampled, skipped...
     ready_s: float | None = None  # from start until every worker was ready (model loaded)
     first_record_s: float | None = None  # from start until the sink reported its first records
 
@@ -93,6 +94,10 @@ class JobResult:
             c = self.cache
             lines.append(f"cache: {c['hits']} hits, {c['misses']} misses, {c['insertions']} insertions, "
                          f"{c['evictions']} evictions")
+        for name, c in self.streams.items():
+            lines.append(f"{name}: {c['decoded']} frames decoded, {c['sampled']} sampled, {c['duplicates']} "
+                         f"skipped as duplicates, {c['dropped']} dropped, {c['errors']} errors, "
+                         f"{c['reconnects']} reconnects")
         if self.restarts:
             lines.append(f"restarted {self.restarts} worker process(es) that died")
         if self.failure:
@@ -122,7 +127,7 @@ class Job:
     def run(self) -> JobResult:
         cfg = self.cfg
         model = get_model_spec(cfg.model, **cfg.model_options())  # light: no framework import
-        sources = self.sources or [open_source(loc, model.preprocess) for loc in cfg.inputs]
+        sources = self.sources or [open_source(loc, model.preprocess, cfg.video_config()) for loc in cfg.inputs]
         plan = make_plan(cfg, model, sources)  # refuses mismatched stages before any process starts
         endless = any(s.endless for s in sources)
         sink = create_sink(cfg.out)
@@ -169,8 +174,10 @@ class Job:
                 restart = topology.supervise()
                 if restart is not None:
                     logger.warning("restarted %s", ", ".join(restart.names))
-                if self._signals and not drain_deadline:
-                    logger.warning("stopping: no new inputs; waiting for those in flight (again to stop at once)")
+                timed_out = self.cfg.duration_s and self._since_start() >= self.cfg.duration_s
+                if (self._signals or timed_out) and not drain_deadline:
+                    logger.warning("stopping: no new inputs; waiting for those in flight (again to stop at once)"
+                                   if self._signals else "--duration reached: finishing what is in flight")
                     topology.broadcast(Drain())
                     drain_deadline = time.monotonic() + STOP_TIMEOUT_S
                 if self._signals > 1 or (drain_deadline and time.monotonic() > drain_deadline):
@@ -206,6 +213,8 @@ class Job:
     def _note_stats(self, event: Event) -> None:
         if event.kind is EventKind.STATS and "cache" in event.data:
             self.result.cache = event.data["cache"]
+        if event.kind is EventKind.STATS and "streams" in event.data:
+            self.result.streams = event.data["streams"]
         if event.kind in (EventKind.BUSY, EventKind.STATS):
             wall = event.data.get("wall_s") or 0.0
             if wall > 0:

@@ -77,16 +77,17 @@ def make_plan(cfg: PipelineConfig, model: ModelSpec,
 
     Raises:
         PlanError: a producer's frames are not what the classifier takes (the message names both).
-        ConfigError: an endless source among other inputs, or nothing that makes frames.
+        ConfigError: endless sources mixed with finite ones, or nothing that makes frames.
     """
     engine_cfg = cfg.engine_config()
     consumer = Classifier.declare_input(model, engine_cfg)
     consumer_name = f"classifier {model.name!r} ({resolve_engine_name(cfg.engine, cfg.device, model.format)})"
     byte_sources = sources is None or any(isinstance(s, Source) for s in sources)
     frame_sources = [s for s in sources or () if isinstance(s, FrameSource)]
-    if sources is not None and len(sources) > 1 and any(s.endless for s in sources):
-        raise ConfigError("expected an endless source (a live stream or an endless test pattern) as the only "
-                          f"input, got {len(sources)} inputs")
+    if sources is not None and any(s.endless for s in sources) and not all(s.endless for s in sources):
+        # An endless job keeps no resume ledger, which the finite inputs would need.
+        raise ConfigError("expected endless sources (live streams, endless test patterns) only with each other, "
+                          f"got {sum(s.endless for s in sources)} endless among {len(sources)} inputs")
     if byte_sources:
         decoder = resolve_decoder_name(cfg.decoder, cfg.device)
         produced = declare_decoder_output(decoder, cfg.decode_config(model.preprocess))

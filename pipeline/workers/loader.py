@@ -33,13 +33,21 @@ from wanwu.pipeline.topology import transport
 from wanwu.pipeline.topology.inflight import Entry, InFlight
 from wanwu.pipeline.topology.messages import Decoded, Drain, End, Lost, Records, Results, ScanDone, Taken, WorkItem
 from wanwu.pipeline.workers.base import Worker
+from wanwu.pipeline.workers.frames import FrameReading
 from wanwu.pipeline.workers.slots import ProducerSlots
 from wanwu.records import Record
 from wanwu.stages.cache import digest
 from wanwu.stages.models.base import get_model_spec
-from wanwu.stages.sources.base import FrameSource, SourceItem, job_key
+from wanwu.stages.sources.base import FrameFailure, FrameInfo, FrameSource, SourceItem, job_key
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """What the loader keeps of a frame in flight: its place in its stream, for its record."""
+
+    meta: dict | None
 
 
 @dataclass
@@ -53,7 +61,7 @@ class _Content:
 # Encoded images queued per decoder: enough to hide read latency, small enough
 # to bound memory (a few 12-megapixel JPEGs at most).
 WORK_HWM = 4
-FRAME_WAIT_S = 0.02  # longest wait for a live source's next frame before looking at the sockets again
+FRAME_POLL_MS = 5  # while frame sources are read: how long the sockets are watched before looking for frames
 
 
 class LoaderWorker(Worker):
@@ -78,14 +86,15 @@ class LoaderWorker(Worker):
         self.in_flight_content: dict[bytes, _Content] = {}  # digest -> the one input of that content in flight
         self.scan = self._scan()
         self.next_item: tuple[int, SourceItem, str] | None = None  # read from the scan, not yet sent
-        self.frame_source: tuple[int, FrameSource] | None = None  # the frame source being read, if any
-        self.exhausted = self.draining = False
+        self.frames = FrameReading(self.inputs, len(self.sources) > 1)  # the frame sources being read, together
+        self.scanned = self.exhausted = self.draining = False
         self.emitted = 0
 
     # ---- the inputs
 
     def _scan(self) -> Iterator[tuple[int, SourceItem, str] | tuple[int, FrameSource]]:
-        """Every byte input with its job-wide key; a frame source as itself, to be read frame by frame."""
+        """Every byte input with its job-wide key; a frame source as itself, to be read frame by frame
+        alongside the other frame sources and the byte inputs (a camera does not wait for another)."""
         several = len(self.sources) > 1
         for index, (location, source) in enumerate(zip(self.inputs, self.sources)):
             if isinstance(source, FrameSource):
@@ -131,12 +140,11 @@ class LoaderWorker(Worker):
             poller.register(sock, zmq.POLLIN)
         if self.work is not None and self._wants_decoder():
             poller.register(self.work, zmq.POLLOUT)
-        reading_frames = self.frame_source is not None and bool(self.slots) and not self.draining
-        poller.poll(0 if reading_frames else 100)
+        reading_frames = bool(self.frames) and bool(self.slots) and not self.draining
+        poller.poll(FRAME_POLL_MS if reading_frames else 100)
 
     def _wants_decoder(self) -> bool:
-        return self.inflight.has_outbox() or (not self.draining and not self.exhausted
-                                              and self.frame_source is None)
+        return self.inflight.has_outbox() or not (self.draining or self.exhausted or self.scanned)
 
     def _writable(self) -> bool:
         return self.work is not None and bool(self.work.get(zmq.EVENTS) & zmq.POLLOUT)
@@ -157,25 +165,28 @@ class LoaderWorker(Worker):
                 continue
             self._send_work(entry, data)
             progressed = True
-        while not (self.draining or self.exhausted) and not self.inflight.has_outbox():
-            if self.frame_source is not None:
-                if not self._read_frame():
-                    return progressed
-            else:
-                if self.next_item is None:
-                    nxt = next(self.scan, None)
-                    if nxt is None:
-                        self._exhaust()
-                        break
-                    if isinstance(nxt[1], FrameSource):
-                        self.frame_source = nxt  # type: ignore[assignment]
-                        continue
-                    self.next_item = nxt  # type: ignore[assignment]
-                if not self._writable():
+        if self.draining or self.exhausted or self.inflight.has_outbox():
+            return progressed
+        if self.frames and self.slots:
+            progressed |= self.frames.read_round(self)
+        while not self.scanned and not self.inflight.has_outbox():
+            if self.next_item is None:
+                nxt = next(self.scan, None)
+                if nxt is None:
+                    self.scanned = True
                     break
-                self._read_and_send(*self.next_item)  # type: ignore[misc]
-                self.next_item = None
+                if isinstance(nxt[1], FrameSource):
+                    self.frames.add(*nxt)  # type: ignore[misc]
+                    progressed = True
+                    continue
+                self.next_item = nxt  # type: ignore[assignment]
+            if not self._writable():
+                break
+            self._read_and_send(*self.next_item)  # type: ignore[misc]
+            self.next_item = None
             progressed = True
+        if self.scanned and not self.frames:
+            self._exhaust()
         return progressed
 
     def _exhaust(self) -> None:
@@ -213,33 +224,20 @@ class LoaderWorker(Worker):
                        zmq.NOBLOCK)  # POLLOUT was checked: this cannot block
         self.inflight.sent(entry, time.monotonic())
 
-    def _read_frame(self) -> bool:
-        """Read one frame into a free slot and hand it to inference; False if none could be read now."""
-        assert self.frame_source is not None and self.pool is not None
-        index, source = self.frame_source
-        if not self.slots:
-            return False
-        slot = self.slots.take()
-        with self.busy():
-            info = source.read_into(self.pool.frame(slot), FRAME_WAIT_S)
-        if info is None:
-            self.slots.give_back(slot)
-            if not source.ended:
-                return False
-            self.frame_source = None  # on to the next input
-            return True
-        t0 = time.time()
-        key = job_key(self.inputs[index], info.key, len(self.sources) > 1)
-        if key in self.done:
-            self.slots.give_back(slot)
-            return True
+    def send_frame(self, slot: int, key: str, source: str, info: FrameInfo) -> None:
+        """Hand a frame written into ``slot`` to inference (``FrameReading`` calls this)."""
         self.emitted += 1
         self.items = self.emitted
-        entry = self.inflight.add(key, info.source, t0, queue=False)
+        entry = self.inflight.add(key, source, time.time(), queue=False, context=_Frame(info.meta))
         self.inflight.sent(entry, time.monotonic(), holder=(self.producer, self.slots.generation))
-        transport.send(self.decoded, Decoded(entry.ticket, key, info.source, slot, info.width, info.height, t0,
+        transport.send(self.decoded, Decoded(entry.ticket, key, source, slot, info.width, info.height, entry.t0,
                                              self.producer, self.slots.generation))
-        return True
+
+    def fail_frame(self, key: str, failure: FrameFailure) -> None:
+        """The error record of a frame (or a stream) a frame source could not read."""
+        self.emitted += 1
+        self.items = self.emitted
+        self._forward([Record.failure(key, failure.source, self.plan.model_name, failure.error, time.time())])
 
     # ---- what comes back
 
@@ -250,16 +248,18 @@ class LoaderWorker(Worker):
             elif isinstance(msg, Results):
                 done = [(entry, r) for entry, r in ((self.inflight.complete(t), r)
                                                     for t, r in zip(msg.tickets, msg.records)) if entry is not None]
-                self._forward([r for _, r in done] + self._twins_of(done))
+                self._forward([replace(r, frame=e.context.meta) if isinstance(e.context, _Frame) else r
+                               for e, r in done] + self._twins_of(done))
                 if self.cache is not None:
-                    self.cache.put([(entry.context.digest, r) for entry, r in done if entry.context is not None])
+                    self.cache.put([(entry.context.digest, r) for entry, r in done
+                                    if isinstance(entry.context, _Content)])
 
     def _twins_of(self, done: list[tuple[Entry, Record]]) -> list[Record]:
         """The records of the twins that waited on these inputs: the same answer under their own names."""
         records = []
         for entry, record in done:
             content = entry.context
-            if content is None:
+            if not isinstance(content, _Content):
                 continue
             self.in_flight_content.pop(content.digest, None)
             records += [replace(record, key=key, source=source, elapsed_ms=round((time.time() - t0) * 1000.0, 3),
@@ -282,7 +282,9 @@ class LoaderWorker(Worker):
 
     def _final_stats(self) -> dict:
         cache = getattr(self, "cache", None)
-        return {"cache": cache.counts.as_dict()} if cache is not None else {}
+        stats = {"cache": cache.counts.as_dict()} if cache is not None else {}
+        streams = self.frames.stats() if hasattr(self, "frames") else {}
+        return {**stats, "streams": streams} if streams else stats
 
     def _shutdown(self) -> None:
         for source in getattr(self, "sources", []):

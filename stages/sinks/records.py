@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 def normalise(record: Writable) -> Record:
     """``record`` as a dict with exactly ``RECORD_FIELDS`` (and ``"cached": True`` when it came from the
-    result cache), in that order, and fixed types.
+    result cache, ``"frame"`` for a video frame), in that order, and fixed types.
 
     Missing fields become ``None`` and other fields are dropped, so every sink
     reads back the same dict. ``width``/``height`` become ``int`` and
@@ -33,6 +33,8 @@ def normalise(record: Writable) -> Record:
     out = {name: record.get(name) for name in RECORD_FIELDS}
     if record.get("cached"):
         out["cached"] = True  # an answer from the result cache says so; others carry no such field
+    if record.get("frame") is not None:
+        out["frame"] = record["frame"]  # where a video frame was in its stream
     try:
         for name in ("width", "height"):
             if out[name] is not None:

@@ -27,10 +27,12 @@ CREATE TABLE IF NOT EXISTS results (
     elapsed_ms REAL,
     error TEXT,
     top_label TEXT,
-    cached INTEGER
+    cached INTEGER,
+    frame TEXT
 )"""
-_COLUMNS = (*RECORD_FIELDS, "top_label", "cached")
-_REQUIRED = (*RECORD_FIELDS, "top_label")  # an output written before the cache existed lacks "cached"
+_COLUMNS = (*RECORD_FIELDS, "top_label", "cached", "frame")
+_REQUIRED = (*RECORD_FIELDS, "top_label")  # outputs written before the cache or video lack "cached", "frame"
+_ADDED = (("cached", "INTEGER"), ("frame", "TEXT"))  # columns added since, filled in on open
 _INSERT = (
     f"INSERT OR IGNORE INTO results ({', '.join(_COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in _COLUMNS)})"
@@ -126,8 +128,9 @@ class SqliteSink(Sink):
             raise SinkError(f"expected an SQLite output, {path!r} does not exist")
         conn = _connect(path)
         try:
-            cached = "cached" in {row[1] for row in conn.execute("PRAGMA table_info(results)")}
-            query = f"SELECT {', '.join(RECORD_FIELDS)}{', cached' if cached else ''} FROM results ORDER BY rowid"
+            present = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
+            extra = [name for name, _ in _ADDED if name in present]
+            query = f"SELECT {', '.join((*RECORD_FIELDS, *extra))} FROM results ORDER BY rowid"
             rows = conn.execute(query).fetchall()
         except sqlite3.Error as exc:
             raise SinkError(f"cannot read records from {path!r}: {exc}") from exc
@@ -139,8 +142,11 @@ class SqliteSink(Sink):
             for name in ("labels", "error"):
                 if record[name] is not None:
                     record[name] = json.loads(record[name])
-            if len(row) > len(RECORD_FIELDS) and row[-1]:
+            more = dict(zip(extra, row[len(RECORD_FIELDS):]))
+            if more.get("cached"):
                 record["cached"] = True
+            if more.get("frame") is not None:
+                record["frame"] = json.loads(more["frame"])
             records.append(record)
         return records
 
@@ -166,8 +172,10 @@ def _prepare(conn: sqlite3.Connection, path: str, fsync: bool) -> None:
         conn.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
         conn.execute(_SCHEMA)
         _check_columns(conn, path)
-        if "cached" not in {row[1] for row in conn.execute("PRAGMA table_info(results)")}:
-            conn.execute("ALTER TABLE results ADD COLUMN cached INTEGER")
+        present = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
+        for name, kind in _ADDED:
+            if name not in present:
+                conn.execute(f"ALTER TABLE results ADD COLUMN {name} {kind}")
     except sqlite3.Error as exc:
         raise SinkError(f"cannot open {path!r} as an SQLite output: {exc}") from exc
 
@@ -209,4 +217,5 @@ def _row(record: Record) -> tuple[Any, ...]:
         None if error is None else dumps(error),
         top_label(labels),
         1 if record.get("cached") else None,
+        None if record.get("frame") is None else dumps(record["frame"]),
     )

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import TYPE_CHECKING, ClassVar, Iterator
 
 import numpy as np
 
 from wanwu.errors import ConfigError, StageError
 from wanwu.registry import Registry
 from wanwu.specs import FrameSpec, Preprocess
+
+if TYPE_CHECKING:
+    from wanwu.stages.sources.video import VideoConfig
 
 # Extensions a folder scan picks up (compared lower-case).
 IMAGE_EXTENSIONS = frozenset(
@@ -76,6 +79,16 @@ class FrameInfo:
     source: str  # the stream or file it came from; the record's "source"
     width: int  # of the frame as captured (before resizing for the model), in pixels
     height: int
+    meta: dict | None = None  # where in its stream the frame was: stream, frame index, pts_s, time; the record's "frame"
+
+
+@dataclass(frozen=True)
+class FrameFailure:
+    """What a frame source says instead of a frame it could not produce; becomes an error record."""
+
+    key: str  # unique within the job, as a frame's key would be
+    source: str
+    error: Exception  # a WanwuError subclass naming what was expected and what came
 
 
 class FrameSource(ABC):
@@ -100,12 +113,13 @@ class FrameSource(ABC):
         """What one frame looks like, declared before anything runs."""
         return self.preprocess.frame
 
-    def read_into(self, out: np.ndarray, timeout_s: float) -> FrameInfo | None:
+    def read_into(self, out: np.ndarray, timeout_s: float) -> FrameInfo | FrameFailure | None:
         """Write the next frame into ``out``. Do not override: implement ``_read_into``.
 
         Returns:
-            The frame's metadata, or None when no frame came within ``timeout_s`` (then
-            ``ended`` tells whether one ever will).
+            The frame's metadata; a ``FrameFailure`` for a frame (or a whole stream) that
+            could not be read, after which reading goes on; or None when no frame came
+            within ``timeout_s`` (then ``ended`` tells whether one ever will).
 
         Raises:
             StageError: ``out`` does not match ``output_spec()``, or the source broke for good.
@@ -118,8 +132,8 @@ class FrameSource(ABC):
         return self._read_into(out, timeout_s)
 
     @abstractmethod
-    def _read_into(self, out: np.ndarray, timeout_s: float) -> FrameInfo | None:
-        """Hook: write one frame, or return None (setting ``ended`` when there will be no more)."""
+    def _read_into(self, out: np.ndarray, timeout_s: float) -> FrameInfo | FrameFailure | None:
+        """Hook: write one frame, report a failure, or return None (setting ``ended`` when there will be no more)."""
 
     def shutdown(self) -> None:
         """Close streams and files. Safe to call twice."""
@@ -139,16 +153,21 @@ SOURCES.register("lmdb", "wanwu.stages.sources.lmdb:LmdbSource")
 # Frame sources, chosen by the scheme of the location ("testsrc:...").
 FRAME_SOURCES: Registry[FrameSource] = Registry("frame source")
 FRAME_SOURCES.register("testsrc", "wanwu.stages.sources.testsrc:TestPatternSource")
+FRAME_SOURCES.register("video", "wanwu.stages.sources.video:VideoSource")  # files and stream URLs, by is_video
 
 
 def source_kind(location: str) -> str:
-    """Which source a command-line input names: a frame source's scheme (``testsrc:``),
-    ``@list.txt``, an LMDB archive, or a folder."""
+    """Which source a command-line input names: a frame source's scheme (``testsrc:``), a
+    video file or stream URL (``video``), ``@list.txt``, an LMDB archive, or a folder."""
     import os
+
+    from wanwu.stages.sources.video import is_video  # light: PyAV is imported when a stream opens
 
     scheme, colon, _ = location.partition(":")
     if colon and scheme in FRAME_SOURCES:
         return scheme
+    if is_video(location):
+        return "video"
     if location.startswith("@"):
         return "list"
     if os.path.isdir(location):
@@ -156,25 +175,38 @@ def source_kind(location: str) -> str:
         return "lmdb" if os.path.isfile(os.path.join(location, "data.mdb")) else "folder"
     if os.path.isfile(location) and location.endswith((".lmdb", ".mdb")):
         return "lmdb"
-    raise ConfigError(f"expected a folder, an LMDB archive, @list.txt or one of "
-                      f"{', '.join(f'{n}:' for n in FRAME_SOURCES.names())}, got {location!r}")
+    raise ConfigError(f"expected a folder, an LMDB archive, @list.txt, a video file or stream URL, or one of "
+                      f"{', '.join(f'{n}:' for n in FRAME_SOURCES.names() if n != 'video')}, got {location!r}")
 
 
 def job_key(location: str, key: str, several_inputs: bool) -> str:
     """The key of an input's item within a job: with several inputs, folder, archive and
     frame-source keys get the input as given as a prefix, so the same name in two folders
-    stays two records (list-file keys are already the paths as written)."""
-    if several_inputs and source_kind(location) != "list":
+    stays two records (list-file keys are already the paths as written); a video frame's
+    key names the input as given in place of the stream's short name."""
+    kind = source_kind(location) if several_inputs else ""
+    if kind == "video":  # "<name>@<when>" becomes "<input as given>@<when>"
+        return f"{location}@{key.rpartition('@')[2]}"
+    if several_inputs and kind != "list":
         return f"{location.rstrip('/')}/{key}"
     return key
 
 
-def open_source(location: str, preprocess: Preprocess = Preprocess()) -> Source | FrameSource:
+def open_source(location: str, preprocess: Preprocess = Preprocess(), video: "VideoConfig | None" = None,
+                name: str | None = None) -> Source | FrameSource:
     """Build (not open) the source for one command-line input.
 
-    ``preprocess`` is the model's geometry, which frame sources deliver their frames in.
+    Args:
+        location: what the user named.
+        preprocess: the model's geometry, which frame sources deliver their frames in.
+        video: how video inputs are sampled and reconnected; None = the defaults.
+        name: a video stream's name in keys and records (``serve --camera NAME=URL``).
     """
     kind = source_kind(location)
+    if kind == "video":
+        from wanwu.stages.sources.video import VideoConfig, VideoSource
+
+        return VideoSource(location, preprocess, video or VideoConfig(), name)
     if kind in FRAME_SOURCES:
         return FRAME_SOURCES.create(kind, location, preprocess)
     return SOURCES.create(kind, location[1:] if kind == "list" else location)
