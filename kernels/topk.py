@@ -1,19 +1,66 @@
-"""Softmax top-k over logits, on the CPU with numpy.
+"""Softmax top-k over logits: the NumPy contract and its CUDA kernel (``topk.cu``).
 
 Selecting with ``np.argpartition`` is linear in the number of classes, so a
 54,092-class label space at batch 64 costs a few milliseconds instead of a full
-sort; only the k winners are then sorted.
+sort; only the k winners are then sorted. The order is total, so the CPU and the
+GPU pick the same classes: by logit, best first, every NaN above every number (as
+NumPy sorts them), -0.0 equal to +0.0, and ties to the lower class id.
+:func:`order_keys` spells that order out as unsigned integers, as the kernel does.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 
 from wanwu.errors import ConfigError
+from wanwu.kernels import cuda
 
 logger = logging.getLogger(__name__)
+
+SOURCE = "topk.cu"
+MAX_K_CUDA = 1024  # the kernel ranks its k winners one per thread of a 1,024-thread block
+_THREADS = 1024  # the kernel's BLOCK
+
+
+def order_keys(logits: np.ndarray) -> np.ndarray:
+    """uint32 keys whose unsigned order is the top-k order of float32 ``logits``.
+
+    Positive floats keep their bits with the sign bit set; negative floats are
+    complemented, so larger values give larger keys. Every NaN becomes the largest
+    key, and -0.0 the key of +0.0. ``topk.cu``'s ``order_key`` is the same mapping.
+    """
+    # Adding +0.0 turns -0.0 into +0.0 (round to nearest) and leaves the rest alone.
+    values = np.asarray(logits, np.float32) + np.float32(0.0)
+    bits = values.view(np.uint32)
+    # The arithmetic shift spreads the sign bit: all ones for a negative float.
+    flip = (values.view(np.int32) >> 31).view(np.uint32) | np.uint32(0x80000000)
+    keys = bits ^ flip
+    nan = np.isnan(values)
+    if nan.any():
+        keys[nan] = 0xFFFFFFFF
+    return keys
+
+
+def _select(keys: np.ndarray, k: int) -> np.ndarray:
+    """Column indices (n, k), in no order, of each row's k largest keys; ties to the lower index."""
+    n, num_classes = keys.shape
+    if k == num_classes:
+        return np.broadcast_to(np.arange(num_classes), (n, num_classes))
+    ids = np.argpartition(keys, num_classes - k, axis=1)[:, num_classes - k:]
+    chosen = np.take_along_axis(keys, ids, axis=1)
+    kth = chosen.min(axis=1, keepdims=True)
+    # argpartition breaks a tie at the k-th key arbitrarily. Rows that left out a key
+    # equal to the k-th are selected again with the complemented index under each key,
+    # which makes every value distinct and puts the lower index above.
+    unsure = np.flatnonzero((keys == kth).sum(axis=1) != (chosen == kth).sum(axis=1))
+    if unsure.size:
+        low_first = np.uint64(0xFFFFFFFF) - np.arange(num_classes, dtype=np.uint64)
+        ranked = (keys[unsure].astype(np.uint64) << np.uint64(32)) | low_first
+        ids[unsure] = np.argpartition(ranked, num_classes - k, axis=1)[:, num_classes - k:]
+    return ids
 
 
 def softmax_topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -25,7 +72,8 @@ def softmax_topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
     Returns:
         ``(scores, class_ids)``: float32 (n, k) probabilities in [0, 1], best first,
-        and int64 (n, k) class ids. Among equal logits the order is unspecified.
+        and int64 (n, k) class ids; among equal logits the lower class id first, and
+        a NaN logit ranks above every number (its row's scores are then all NaN).
 
     Raises:
         ConfigError: ``k < 1`` or ``logits`` is not a non-empty 2-D array.
@@ -40,17 +88,52 @@ def softmax_topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     k = min(int(k), num_classes)
 
     # Softmax is monotonic, so the top k of the logits are the top k of the probabilities.
-    if k < num_classes:
-        ids = np.argpartition(logits, num_classes - k, axis=1)[:, num_classes - k:]
-    else:
-        ids = np.broadcast_to(np.arange(num_classes), (n, num_classes))
-    top = np.take_along_axis(logits, ids, axis=1)
-    order = np.argsort(-top, axis=1, kind="stable")
+    keys = order_keys(logits)
+    ids = _select(keys, k)
+    # Best first: key descending, then class id ascending (lexsort's last key is primary).
+    order = np.lexsort((ids, ~np.take_along_axis(keys, ids, axis=1)), axis=1)
     ids = np.take_along_axis(ids, order, axis=1).astype(np.int64)
-    top = np.take_along_axis(top, order, axis=1)
+    top = np.take_along_axis(logits, ids, axis=1)
 
     # Subtracting the row maximum keeps exp() from overflowing; the maximum is top[:, 0].
     row_max = top[:, :1]
     denom = np.exp(logits - row_max).sum(axis=1, keepdims=True, dtype=np.float64)
     scores = (np.exp(top - row_max) / denom).astype(np.float32)
+    return scores, ids
+
+
+def softmax_topk_cuda(logits: Any, k: int) -> tuple[Any, Any]:
+    """:func:`softmax_topk` on the GPU, on CuPy's current stream, without a sort.
+
+    Same results as :func:`softmax_topk` (the same class ids, in the same order;
+    scores to float32 rounding of the sum), from one block per row: a radix select
+    finds the k-th largest logit, one more pass gathers the winners and the softmax
+    denominator, and only ``n * k`` values leave the kernel.
+
+    Args:
+        logits: float32 ``cupy.ndarray`` (n, C) whose rows are contiguous.
+        k: 1..1024; values above C are clamped to C.
+
+    Returns:
+        ``(scores, class_ids)`` as ``cupy.ndarray``: float32 and int64 (n, k).
+
+    Raises:
+        ConfigError: bad shape, dtype, layout or ``k``.
+    """
+    import cupy
+
+    logits = cuda.as_device_array(logits, "logits")
+    if logits.ndim != 2 or min(logits.shape) == 0 or logits.dtype != np.float32:
+        raise ConfigError(f"expected float32 logits of shape (n, C), got {logits.dtype} {logits.shape}")
+    if logits.strides[1] != logits.itemsize:
+        raise ConfigError(f"expected logits with contiguous rows, got strides {logits.strides}")
+    n, num_classes = logits.shape
+    if k < 1 or min(k, num_classes) > MAX_K_CUDA:
+        raise ConfigError(f"expected 1 <= k <= {MAX_K_CUDA} (after clamping to C), got {k}")
+    k = min(int(k), num_classes)
+    scores = cupy.empty((n, k), np.float32)
+    ids = cupy.empty((n, k), np.int64)
+    kernel = cuda.load_function(SOURCE, "softmax_topk_f32")
+    row_stride = logits.strides[0] // logits.itemsize
+    kernel((n,), (_THREADS,), (logits, np.int64(row_stride), np.int32(num_classes), np.int32(k), scores, ids))
     return scores, ids
