@@ -200,7 +200,7 @@ class VideoSource(FrameSource):
                     delivered = self._read_container(container, sampler)
                 finally:
                     container.close()
-                if not self.live:
+                if not self.live or self._stop.is_set():
                     return
                 self.up = False
                 if delivered:

@@ -1,0 +1,98 @@
+"""Live streams: a real RTSP camera (GStreamer's RTSP server on 127.0.0.1) recognised with the right labels,
+a camera that goes away and comes back, and one that never answers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import run_wanwu, wanwu_cmd
+from videokit import SCENES, RtspCamera, SilentServer
+from wanwu.stages.sinks.base import read_records
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def scene_labels(tmp_path_factory, photos) -> set[str]:
+    """The top-1 labels of the camera's photos as stills."""
+    folder = tmp_path_factory.mktemp("stills")
+    for name in SCENES:
+        Image.fromarray(photos[name]).resize((640, 480), Image.BICUBIC).save(folder / f"{name}.png")
+    out = folder / "r.jsonl"
+    assert run_wanwu("run", str(folder), "--out", str(out), "--progress", "none").returncode == 0
+    return {r["labels"][0]["label"] for r in read_records(str(out))}
+
+
+def test_a_live_camera_is_recognised_until_the_duration(tmp_path: Path, photos, scene_labels):
+    with RtspCamera(tmp_path / "cam", photos) as camera:
+        out = tmp_path / "r.sqlite"
+        stats = tmp_path / "stats.json"
+        t0 = time.monotonic()
+        proc = run_wanwu("run", camera.url, "--out", str(out), "--progress", "none", "--fps", "2",
+                         "--duration", "7", "--stats-json", str(stats), timeout=120)
+        took = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr  # a live stream's normal end
+    assert took < 40
+    records = read_records(str(out))
+    assert len(records) >= 6 and all(r["error"] is None for r in records), records
+    assert {r["labels"][0]["label"] for r in records} == scene_labels  # every photo of the loop, nothing else
+    for r in records:
+        frame = r["frame"]
+        assert frame["stream"] == f"127.0.0.1:{camera.port}/cam" and frame["time"].endswith("Z")
+        assert r["key"] == f"{frame['stream']}@{frame['time']}" and (r["width"], r["height"]) == (640, 480)
+    counts = json.loads(stats.read_text())["streams"][camera.url]
+    assert counts["decoded"] > counts["sampled"] >= len(records) and counts["reconnects"] == 0
+
+
+def test_a_camera_that_drops_and_comes_back_continues(tmp_path: Path, photos, scene_labels):
+    camera = RtspCamera(tmp_path / "cam", photos).start()
+    out = tmp_path / "r.jsonl"
+    stats = tmp_path / "stats.json"
+    job = subprocess.Popen(wanwu_cmd("run", camera.url, "--out", str(out), "--progress", "none", "--fps", "2",
+                                     "--duration", "24", "--read-timeout", "2", "--stats-json", str(stats)),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(7)
+        camera.stop()  # the camera goes away mid-stream
+        stopped_at = time.time()
+        time.sleep(4)
+        camera.start()  # and comes back on the same address
+        _, stderr = job.communicate(timeout=120)
+    finally:
+        camera.stop()
+        job.kill()
+    assert job.returncode == 0, stderr
+    records = read_records(str(out))
+    times = sorted(r["frame"]["time"] for r in records)
+    after = [t for t in times if _epoch(t) > stopped_at + 4]
+    assert after, f"nothing recognised after the camera came back: {times}"
+    assert {r["labels"][0]["label"] for r in records if r["frame"]["time"] in after} <= scene_labels
+    counts = json.loads(stats.read_text())["streams"][camera.url]
+    assert counts["reconnects"] >= 1
+    assert "reconnects" in stderr
+
+
+def test_a_camera_that_never_answers_is_a_clear_error_within_the_timeout(tmp_path: Path):
+    with SilentServer() as silent:
+        out = tmp_path / "r.jsonl"
+        url = f"rtsp://127.0.0.1:{silent.port}/cam"
+        t0 = time.monotonic()
+        proc = run_wanwu("run", url, "--out", str(out), "--progress", "none", "--open-timeout", "2", timeout=60)
+        took = time.monotonic() - t0
+    assert proc.returncode == 3, proc.stderr  # finished with an error record
+    assert took < 30
+    (record,) = read_records(str(out))
+    assert record["key"] == f"127.0.0.1:{silent.port}/cam@open" and record["error"]["type"] == "ReadError"
+    assert "within 2 s" in record["error"]["message"]
+
+
+def _epoch(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
