@@ -89,10 +89,50 @@ def test_a_camera_that_never_answers_is_a_clear_error_within_the_timeout(tmp_pat
     assert took < 30
     (record,) = read_records(str(out))
     assert record["key"] == f"127.0.0.1:{silent.port}/cam@open" and record["error"]["type"] == "ReadError"
-    assert "within 2 s" in record["error"]["message"]
+    assert "open timeout 2 s" in record["error"]["message"]
 
 
 def _epoch(iso: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def test_the_daemon_recognises_cameras_beside_its_doors_and_counts_them(tmp_path: Path, photos, images,
+                                                                        scene_labels):
+    from bench.attacks import infer_seconds, metric
+
+    from conftest import Served
+
+    camera = RtspCamera(tmp_path / "cam", photos).start()
+    out = tmp_path / "cameras.jsonl"
+    down = f"rtsp://127.0.0.1:{camera.port + 1 if camera.port < 65535 else 1}/none"  # nothing listens there
+    daemon = Served("--camera", f"front={camera.url}", "--camera", f"back={down}", "--camera-out", str(out),
+                    "--fps", "2", "--read-timeout", "2")
+    m = daemon.addresses["metrics"]
+    try:
+        deadline = time.monotonic() + 60
+        while metric(m, "wanwu_stream_frames_total", 'stream="front",what="recognised"') < 4:
+            assert time.monotonic() < deadline, "the camera's frames were not recognised"
+            time.sleep(0.5)
+        assert infer_seconds(daemon.url, images["chelsea"]) < 30  # the doors answer beside the cameras
+        assert metric(m, "wanwu_stream_up", 'stream="front"') == 1
+        assert metric(m, "wanwu_stream_up", 'stream="back"') == 0  # down, and the daemon is still ready
+        assert metric(m, "wanwu_ready") == 1
+        camera.stop()
+        time.sleep(5)
+        camera.start()
+        recognised = metric(m, "wanwu_stream_frames_total", 'stream="front",what="recognised"')
+        while metric(m, "wanwu_stream_frames_total", 'stream="front",what="recognised"') < recognised + 4:
+            assert time.monotonic() < deadline + 60, "the camera was not recognised again after it came back"
+            time.sleep(0.5)
+        assert metric(m, "wanwu_stream_reconnects_total", 'stream="front"') >= 1
+        assert metric(m, "wanwu_stream_reconnects_total", 'stream="back"') >= 1
+        assert metric(m, "wanwu_stream_frames_total", 'stream="front",what="decoded"') > recognised
+    finally:
+        assert daemon.stop() == 0, daemon.stderr
+        camera.stop()
+    records = read_records(str(out))
+    fronts = [r for r in records if r["key"].startswith("front@")]
+    assert len(fronts) >= 8 and {r["labels"][0]["label"] for r in fronts} <= scene_labels
+    assert all(r["frame"]["stream"] == "front" for r in fronts)

@@ -108,7 +108,7 @@ def test_the_death_of_a_worker_that_is_not_restarted_fails_the_job(tmp_path):
     cfg = JobConfig(inputs=(str(tmp_path),), out=str(tmp_path / "r.jsonl"), decoders=1)
     topology = Topology(cfg, make_plan(cfg, MODEL), [("sink", 0)])
     try:
-        topology.start()
+        topology.start(out=cfg.out)
         wait_ready(topology, ["sink"])
         kill(topology, "sink")
         with pytest.raises(StageError, match=r"sink: the process died \(pid \d+, exit status -9\)"):

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from wanwu.pipeline.cli.options import add_stage_options
+from wanwu.pipeline.cli.video import add_video_options
 
 # flag dest -> ServeConfig field, for flags whose names differ from the field's
 _RENAMED = {"http_host": "host", "zmq": "zmq_request"}
@@ -15,7 +16,7 @@ _RENAMED = {"http_host": "host", "zmq": "zmq_request"}
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "serve", help="run the recognition daemon (KServe v2 / Triton HTTP, ZeroMQ, hot folder)",
+        "serve", help="run the recognition daemon (KServe v2 / Triton HTTP and gRPC, ZeroMQ, hot folder, cameras)",
         description="Run the decoders and the model as a daemon behind up to three front doors: HTTP speaking "
         "KServe v2 as Triton does (tritonclient works), ZeroMQ request/reply and stream sockets, and a hot folder. "
         "Requests from every door are batched together. Settings come from --config (TOML, the field names of "
@@ -62,6 +63,11 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--watch-settle-s", type=float, help="a file is complete once unchanged this long (0.5)")
     d.add_argument("--out", help="records of the stream and hot-folder doors: .jsonl or .sqlite (also the ledger)")
     d.add_argument("--drain-timeout-s", type=float, help="on SIGTERM, finish in-flight work within this long (20)")
+    c = p.add_argument_group("cameras", "live streams recognised all the time, batched with the doors' images")
+    c.add_argument("--camera", dest="cameras", action="append", metavar="NAME=URL",
+                   help="a camera or stream (rtsp://, http(s)://, tcp://, udp://); repeatable; reconnects forever")
+    c.add_argument("--camera-out", help="the cameras' records: .jsonl or .sqlite")
+    add_video_options(p, defaults=False)
     p.set_defaults(func=_cmd_serve)
 
 

@@ -143,7 +143,7 @@ class Job:
             with open(done_path, "wb") as f:
                 pickle.dump(done, f, protocol=pickle.HIGHEST_PROTOCOL)
             del done
-            topology.start(sources=tuple(sources), done_keys_path=done_path)
+            topology.start(sources=tuple(sources), inputs=cfg.inputs, done_keys_path=done_path, out=cfg.out)
             self._watch(topology, Progress(cfg.progress, cfg.log_interval_s, self.result.skipped))
         finally:
             if not self.result.elapsed_s:

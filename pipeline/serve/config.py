@@ -2,13 +2,15 @@
 
 A TOML file sets the fields below by name, at the top level or inside tables
 (table names only group settings for the reader: ``[http]`` then ``http_port =
-8000``). Flags given on the command line override the file.
+8000``), except ``[cameras]``, whose keys are camera names and values their URLs.
+Flags given on the command line override the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -18,6 +20,8 @@ from wanwu.pipeline.config import PipelineConfig
 
 if TYPE_CHECKING:
     from wanwu.pipeline.serve.kserve import HttpLimits
+    from wanwu.specs import Preprocess
+    from wanwu.stages.sources.base import FrameSource
 
 # TOML names kept from before the settings were shared with `wanwu run` (Triton's name).
 _ALIASES = {"max_batch_size": "batch_size"}
@@ -62,6 +66,8 @@ class ServeConfig(PipelineConfig):
     watch_failed: str = ""  # move files that got an error record here
     watch_settle_s: float = 0.5  # a file is complete once unchanged this long
     out: str = ""  # records of the stream and hot-folder doors (.jsonl or .sqlite); also their ledger
+    cameras: tuple[str, ...] = ()  # live streams recognised all the time, each "NAME=URL"
+    camera_out: str = ""  # the cameras' records (.jsonl or .sqlite)
     drain_timeout_s: float = 20.0  # on SIGTERM: finish what is in flight within this long
 
     def __post_init__(self) -> None:
@@ -84,9 +90,41 @@ class ServeConfig(PipelineConfig):
             raise ConfigError(f"stall_timeout_s must be positive, got {self.stall_timeout_s}")
         if (self.zmq_stream or self.watch) and not self.out:
             raise ConfigError("the stream and hot-folder doors write records: expected `out` (.jsonl or .sqlite)")
+        self.camera_urls()  # validates the cameras
+        if self.cameras and not self.camera_out:
+            raise ConfigError("cameras write records: expected camera_out (.jsonl or .sqlite)")
+        if self.camera_out and self.out and os.path.realpath(self.camera_out) == os.path.realpath(self.out):
+            raise ConfigError(f"expected camera_out and out to be different files, got {self.out!r} for both")
         if self.curve_clients and not self.curve_secret_key:
             raise ConfigError("curve_clients needs curve_secret_key (the server's certificate)")
         self.http_limits()  # validates the HTTP limits
+
+    def camera_urls(self) -> dict[str, str]:
+        """The cameras as name -> URL, in the order given.
+
+        Raises:
+            ConfigError: an entry is not NAME=URL of a stream or video, or a name is given twice.
+        """
+        from wanwu.stages.sources.video import is_video
+
+        out: dict[str, str] = {}
+        for entry in self.cameras:
+            name, eq, url = entry.partition("=")
+            name, url = name.strip(), url.strip()
+            if not (eq and name and url and is_video(url)) or "@" in name:
+                raise ConfigError(f"expected a camera as NAME=URL (rtsp://, http://, tcp://, udp:// or a video "
+                                  f"file; no '@' in NAME), got {entry!r}")
+            if name in out:
+                raise ConfigError(f"expected each camera name once, got {name!r} twice")
+            out[name] = url
+        return out
+
+    def camera_sources(self, preprocess: "Preprocess") -> list["FrameSource"]:
+        """The cameras as frame sources: reconnecting forever, even those that never came up."""
+        from wanwu.stages.sources.video import VideoSource
+
+        video = self.video_config(retry_unopened=True)
+        return [VideoSource(url, preprocess, video, name) for name, url in self.camera_urls().items()]
 
     def http_limits(self) -> "HttpLimits":
         """The HTTP door's limits."""
@@ -108,6 +146,13 @@ class ServeConfig(PipelineConfig):
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"expected a readable TOML file at {path!r}: {exc}") from exc
         flat: dict[str, Any] = {}
+        cameras = data.pop("cameras", None)
+        if isinstance(cameras, dict):  # [cameras] NAME = "URL"
+            if not all(isinstance(v, str) for v in cameras.values()):
+                raise ConfigError(f"expected [cameras] as NAME = \"URL\" lines in {path}, got {cameras!r}")
+            flat["cameras"] = tuple(f"{name}={url}" for name, url in cameras.items())
+        elif cameras is not None:  # cameras = ["NAME=URL", ...], as --print-config writes it
+            flat["cameras"] = cameras
         for key, value in data.items():
             if isinstance(value, dict):  # a table groups keys for the reader only
                 flat.update(value)
@@ -126,7 +171,11 @@ class ServeConfig(PipelineConfig):
         clean: dict[str, Any] = {}
         for name, value in values.items():
             default = fields[name].default
-            if name in ("preferred_batch_sizes", "mean", "std"):
+            if name == "cameras":
+                if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                    raise ConfigError(f"cameras must be a list of NAME=URL strings, got {value!r}")
+                value = tuple(value)
+            elif name in ("preferred_batch_sizes", "mean", "std"):
                 kind = int if name == "preferred_batch_sizes" else float
                 try:
                     value = tuple(kind(v) for v in value)

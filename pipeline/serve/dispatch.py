@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import pickle
 import threading
 import time
 from dataclasses import dataclass, field
@@ -90,6 +92,8 @@ class PipelineBackend:
         self._router: threading.Thread | None = None
         self._topology: Topology | None = None
         self.cache = cfg.open_cache(self.spec)  # None without --cache; refused here when it is not ours
+        self._camera_fields: dict = {}  # the loader's and sink's WorkerSpec fields, with cameras
+        self._streams: dict[str, dict] = {}  # the cameras' latest counters
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -101,9 +105,16 @@ class PipelineBackend:
             StageError: a worker failed to start (the model could not load, ...) or
                 ``timeout_s`` passed first. Everything started is stopped again.
         """
-        plan = make_plan(self.cfg, self.spec)
+        cameras = self.cfg.camera_sources(self.spec.preprocess)
+        plan = make_plan(self.cfg, self.spec, cameras or None, doors=True)
         roles = [("inference", 0)] + [("decoder", i) for i in range(plan.decoders)]  # the model loads longest
-        self._topology = Topology(self.cfg, plan, roles, RestartPolicy(stall_timeout_s=self.cfg.stall_timeout_s))
+        if cameras:  # the cameras' feeder and their records' writer, as in `wanwu run` on live streams
+            roles += [("sink", 0), ("loader", 0)]
+        # The cameras keep no ledger, so their loader and sink are restarted like any stateless worker.
+        policy = RestartPolicy(stall_timeout_s=self.cfg.stall_timeout_s, also_restart=frozenset({"loader", "sink"}))
+        self._topology = Topology(self.cfg, plan, roles, policy)
+        if cameras:
+            self._camera_fields = _camera_fields(self._topology.job_dir, cameras, self.cfg)
         self._router = threading.Thread(target=self._route, name="wanwu-dispatch", daemon=True)
         self._router.start()
         deadline = time.monotonic() + timeout_s
@@ -281,7 +292,7 @@ class PipelineBackend:
         work = transport.socket(ctx, zmq.PUSH, ep.work, bind=True, hwm=4 * max(1, topology.plan.decoders))
         results = transport.socket(ctx, zmq.PULL, ep.results, bind=True)
         try:
-            topology.start()
+            topology.start(**self._camera_fields)
             poller = zmq.Poller()
             for sock in (results, topology.events_socket):
                 poller.register(sock, zmq.POLLIN)
@@ -349,6 +360,10 @@ class PipelineBackend:
             self._stats.add_execution(size, {"compute_infer": int(compute_s * 1e9)})
             if self.metrics:
                 self.metrics.batch(size, queue_s, compute_s)
+        elif event.kind is EventKind.STREAMS:
+            self._streams = event.data["streams"]
+            if self.metrics:
+                self.metrics.streams(self._streams)
         elif event.kind in (EventKind.BUSY, EventKind.STATS) and self.metrics:
             wall = event.data.get("wall_s") or 0.0
             if wall > 0:
@@ -359,7 +374,8 @@ class PipelineBackend:
         if restart is not None:
             self._on_restart(restart, now)
         self._inference_ready = topology.ready("inference")
-        self._decoders_ready = any(topology.ready(name) for name in topology.positions if name != "inference")
+        # A camera that is down does not make the daemon unready: only the model and the decoders count.
+        self._decoders_ready = any(topology.ready(name) for name in topology.positions if name.startswith("decoder"))
         if self.metrics:  # set from the same facts as ready(), every tick: they cannot disagree for long
             self.metrics.ready.set(1 if self.ready() else 0)
         with self._lock:
@@ -375,3 +391,12 @@ class PipelineBackend:
         with self._lock:
             failed = self._inflight.lost(set(restart.dead), restart.everything, now)
         self._fail(failed, StageError("the worker process holding this image died twice"))
+
+
+def _camera_fields(job_dir: str, cameras: list, cfg: ServeConfig) -> dict:
+    """The ``WorkerSpec`` fields of the cameras' loader and sink: the sources, no keys done, the output."""
+    done_path = os.path.join(job_dir, "done-keys.pickle")
+    with open(done_path, "wb") as f:
+        pickle.dump(set(), f)
+    return {"sources": tuple(cameras), "inputs": tuple(cfg.camera_urls().values()), "done_keys_path": done_path,
+            "out": cfg.camera_out}

@@ -21,6 +21,11 @@ Metric names (all prefixed ``wanwu_``):
   ``peak_inflight_bytes``, ``refused_for_budget``;
 * ``cache{what}``: the result cache's ``hits``, ``misses``, ``insertions``, ``evictions``
   (so far; hits + misses = images looked up), ``entries`` and ``used_bytes``;
+* per camera (``--camera NAME=URL``): ``stream_frames_total{stream, what}``, frames ``decoded``,
+  ``sampled`` (picked by --fps/--every), ``duplicates`` (skipped by --dedupe), ``dropped`` (newer
+  frames replaced them while inference was behind), ``recognised`` and ``errors``;
+  ``stream_reconnects_total{stream}``; ``stream_up{stream}`` (1 while connected);
+  ``stream_lag_seconds{stream}`` (from a frame's decoding to its hand-over to inference);
 * ``worker_restarts_total{stage}``, ``worker_stalls_total{stage}`` (killed by the
   watchdog), ``ready`` (1 when ready: the same facts as the readiness probe).
 """
@@ -71,6 +76,13 @@ class ServeMetrics:
         self.http = Gauge("wanwu_http", "The HTTP door: open connections, connections refused, evicted and timed "
                                         "out so far, bytes of bodies in flight and their peak, requests refused "
                                         "for the byte budget", ["what"], registry=r)
+        self.stream_frames = Counter("wanwu_stream_frames", "Camera frames decoded, sampled, skipped as "
+                                     "duplicates, dropped, recognised, and errors", ["stream", "what"], registry=r)
+        self.stream_reconnects = Counter("wanwu_stream_reconnects", "Camera reconnections", ["stream"], registry=r)
+        self.stream_up = Gauge("wanwu_stream_up", "1 while the camera is connected", ["stream"], registry=r)
+        self.stream_lag = Gauge("wanwu_stream_lag_seconds", "From a camera frame's decoding to inference taking it",
+                                ["stream"], registry=r)
+        self._stream_last: dict[tuple[str, str], int] = {}  # the last totals reported, to count differences
         self._lock = threading.Lock()
         self._answered: collections.deque[tuple[float, int]] = collections.deque()
         self.rate.set_function(self._images_per_s)
@@ -89,6 +101,22 @@ class ServeMetrics:
             self.images.labels("error").inc(errors)
         with self._lock:
             self._answered.append((time.monotonic(), ok + errors))
+
+    def streams(self, stats: dict[str, dict]) -> None:
+        """Take the camera reader's totals (``VideoSource.stats`` by stream); totals that went down
+        come from a restarted reader and count from zero."""
+        for stream, counts in stats.items():
+            for what in ("decoded", "sampled", "duplicates", "dropped", "recognised", "errors", "reconnects"):
+                total = int(counts.get(what, 0))
+                last = self._stream_last.get((stream, what), 0)
+                grown = total - last if total >= last else total
+                self._stream_last[stream, what] = total
+                if what == "reconnects":
+                    self.stream_reconnects.labels(stream).inc(grown)
+                else:
+                    self.stream_frames.labels(stream, what).inc(grown)
+            self.stream_up.labels(stream).set(1 if counts.get("up") else 0)
+            self.stream_lag.labels(stream).set(float(counts.get("lag_s", 0.0)))
 
     def batch(self, size: int, queue_s: float, compute_s: float) -> None:
         """Count one engine call."""

@@ -112,6 +112,7 @@ class EventKind(str, enum.Enum):
     ALIVE = "alive"  # a heartbeat from the worker's loop, for the watchdog
     BUSY = "busy"  # now and then: busy seconds so far, for the busy-share figures
     STATS = "stats"  # at exit: the final busy seconds
+    STREAMS = "streams"  # loader, now and then: each video stream's counters
     BATCH = "batch"  # inference ran a batch: size, queue and compute seconds (daemon metrics)
     PROGRESS = "progress"  # sink: records written so far
     DONE = "done"  # sink: every record is written (the End arrived)

@@ -63,6 +63,9 @@ class RestartPolicy:
     stable_s: float = 30.0  # a worker that lived this long is restarted without waiting
     max_failed_starts: int = 3  # incarnations in a row that die before ready: give up
     stall_timeout_s: float = 60.0  # no heartbeat, or one piece of work, this long: the worker is stuck
+    # Roles restarted beyond decoders and inference: the daemon's camera loader and sink, which keep
+    # no ledger. The batch job's loader and sink never are (the ledger lives in them).
+    also_restart: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -70,6 +73,7 @@ class Position:
     """One worker position (the inference process, decoder i, the loader, the sink) across its incarnations."""
 
     spec: WorkerSpec
+    can_restart: bool = False  # the topology repairs this position's death
     proc: subprocess.Popen | None = None
     started: float = 0.0  # monotonic, of this incarnation
     ready: bool = False  # this incarnation said it is ready
@@ -88,7 +92,7 @@ class Position:
 
     @property
     def restartable(self) -> bool:
-        return self.spec.role in RESTARTABLE
+        return self.can_restart
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -154,7 +158,8 @@ class Topology:
         base = WorkerSpec(role="", index=0, cfg=self.cfg, plan=self.plan, endpoints=self.endpoints,
                           pool_fd=self.pool.fd, **spec_fields)  # type: ignore[arg-type]
         for role, index in self.roles:
-            position = Position(dataclasses.replace(base, role=role, index=index))
+            position = Position(dataclasses.replace(base, role=role, index=index),
+                                can_restart=role in RESTARTABLE | self.policy.also_restart)
             self.positions[position.name] = position
             self._spawn(position)
 

@@ -41,6 +41,8 @@ class Plan:
     slots_per_producer: int  # slots each producer may hold at once
     model_name: str  # the resolved model, for records
     preprocess: Preprocess  # the model's geometry, which decoders and frame sources deliver
+    frames_apart: bool = False  # the loader's frames have a feeder of their own (the daemon's cameras
+    # beside its doors): inference sends their results to ``Endpoints.frame_results``
 
     @property
     def producers(self) -> int:
@@ -66,14 +68,14 @@ class Plan:
 
 
 def make_plan(cfg: PipelineConfig, model: ModelSpec,
-              sources: Sequence[Source | FrameSource] | None = None) -> Plan:
+              sources: Sequence[Source | FrameSource] | None = None, doors: bool = False) -> Plan:
     """Chain sources -> decoder -> classifier and size the pool.
 
     Args:
         cfg: the shared settings.
         model: the resolved model.
-        sources: a batch job's inputs; None for the daemon, whose front doors hand encoded
-            bytes to the decoders.
+        sources: a batch job's inputs, or the daemon's cameras; None for a daemon without cameras.
+        doors: front doors hand encoded bytes to decoders as well (the daemon).
 
     Raises:
         PlanError: a producer's frames are not what the classifier takes (the message names both).
@@ -82,7 +84,7 @@ def make_plan(cfg: PipelineConfig, model: ModelSpec,
     engine_cfg = cfg.engine_config()
     consumer = Classifier.declare_input(model, engine_cfg)
     consumer_name = f"classifier {model.name!r} ({resolve_engine_name(cfg.engine, cfg.device, model.format)})"
-    byte_sources = sources is None or any(isinstance(s, Source) for s in sources)
+    byte_sources = doors or sources is None or any(isinstance(s, Source) for s in sources)
     frame_sources = [s for s in sources or () if isinstance(s, FrameSource)]
     if sources is not None and any(s.endless for s in sources) and not all(s.endless for s in sources):
         # An endless job keeps no resume ledger, which the finite inputs would need.
@@ -99,4 +101,4 @@ def make_plan(cfg: PipelineConfig, model: ModelSpec,
     total = cfg.slots or 2 * cfg.batch_size + 2 * producers
     return Plan(frame=consumer, decoders=decoders, frame_producer=bool(frame_sources),
                 slots_per_producer=max(2, -(-total // producers)), model_name=model.name,
-                preprocess=model.preprocess)
+                preprocess=model.preprocess, frames_apart=bool(frame_sources) and (doors or sources is None))

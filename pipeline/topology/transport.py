@@ -48,6 +48,10 @@ class Endpoints:
         return self._ipc("results")
 
     @property
+    def frame_results(self) -> str:  # inference PUSH -> the loader PULL (bind), when Plan.frames_apart
+        return self._ipc("frame-results")
+
+    @property
     def records(self) -> str:  # feeder PUSH -> sink PULL (bind): Records, ScanDone, End
         return self._ipc("records")
 

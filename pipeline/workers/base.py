@@ -59,7 +59,9 @@ class WorkerSpec:
     pool_fd: int  # the slot pool's descriptor, inherited from the owner
     generation: int = 0  # incarnation of this worker (restarts and resets count up)
     sources: tuple[Any, ...] = ()  # loader: the inputs, as Source/FrameSource objects
+    inputs: tuple[str, ...] = ()  # loader: the inputs as the user named them (for keys), one per source
     done_keys_path: str = ""  # loader: pickled set of keys already in the output
+    out: str = ""  # sink: the output file
 
     @property
     def name(self) -> str:

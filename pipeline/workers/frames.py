@@ -15,6 +15,7 @@ process's decode threads are not enough, run more jobs or daemons.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any, Protocol
 
 from wanwu.stages.sources.base import FrameFailure, FrameInfo, FrameSource, job_key
@@ -44,6 +45,7 @@ class FrameReading:
         self.inputs, self.several = inputs, several
         self.active: list[tuple[int, FrameSource]] = []
         self.finished: list[FrameSource] = []
+        self.recognised: Counter[str] = Counter()  # records with labels, by source location
         self._turn = 0  # the source read first next round, so none is always first
 
     def __bool__(self) -> bool:
@@ -66,7 +68,7 @@ class FrameReading:
             slot = loader.slots.take()
             result = source.read_into(loader.pool.frame(slot), 0.0)
             if isinstance(result, FrameInfo):
-                key = job_key(self.inputs[index], result.key, self.several)
+                key = self._key(index, source, result.key)
                 if key in loader.done:  # recognised by an earlier run of this job
                     loader.slots.give_back(slot)
                 else:
@@ -75,7 +77,7 @@ class FrameReading:
                 continue
             loader.slots.give_back(slot)
             if isinstance(result, FrameFailure):
-                key = job_key(self.inputs[index], result.key, self.several)
+                key = self._key(index, source, result.key)
                 if key not in loader.done:
                     logger.warning("%s: %s", result.key, result.error)
                     loader.fail_frame(key, result)
@@ -88,11 +90,17 @@ class FrameReading:
             progressed = True
         return progressed
 
+    def _key(self, index: int, source: FrameSource, key: str) -> str:
+        # A stream named by the user (a camera) keeps its key: the names are unique already.
+        return key if getattr(source, "named", False) else job_key(self.inputs[index], key, self.several)
+
     def stats(self) -> dict[str, dict]:
-        """Per stream (by input as given), the counters of the sources that keep them."""
+        """Per stream (by its name when it has one, else by input as given), the counters of the
+        sources that keep them, with the frames recognised."""
         out = {}
         for source in [s for _, s in self.active] + self.finished:
             stats = getattr(source, "stats", None)
             if stats is not None:
-                out[source.location] = stats()
+                name = source.name if getattr(source, "named", False) else source.location  # type: ignore[attr-defined]
+                out[name] = {**stats(), "recognised": self.recognised[source.location]}
         return out

@@ -31,6 +31,9 @@ class InferenceWorker(Worker):
         ep = self.spec.endpoints
         self.decoded = transport.socket(self.ctx, zmq.PULL, ep.decoded, bind=True)
         self.results = transport.socket(self.ctx, zmq.PUSH, ep.results, bind=False)
+        # The daemon's cameras have a feeder of their own (the loader), beside the doors' dispatcher.
+        self.frame_results = (transport.socket(self.ctx, zmq.PUSH, ep.frame_results, bind=False)
+                              if self.plan.frames_apart else None)
         self.release = [transport.socket(self.ctx, zmq.PUSH, ep.release(p), bind=False)
                         for p in range(self.plan.producers)]
         model = get_model_spec(self.cfg.model, **self.cfg.model_options())
@@ -78,9 +81,20 @@ class InferenceWorker(Worker):
             batch = self.pool.gather([m.slot for m in items], out=self.batch[:n])
             self._release(items)
             records = self.classifier.classify(batch, items)
-        transport.send(self.results, Results(tuple(m.ticket for m in items), tuple(records)))
+        self._send_results(items, records)
         self.items += n
         self.emit(EventKind.BATCH, size=n, queue_s=waited_s, compute_s=time.perf_counter() - t)
+
+    def _send_results(self, items: list[Decoded], records: list) -> None:
+        """Each record to the feeder of its frame: the loader's frames to it when it feeds apart."""
+        if self.frame_results is None:
+            transport.send(self.results, Results(tuple(m.ticket for m in items), tuple(records)))
+            return
+        loader = self.plan.loader_producer
+        for sock, mine in ((self.results, False), (self.frame_results, True)):
+            pairs = [(m.ticket, r) for m, r in zip(items, records) if (m.producer == loader) == mine]
+            if pairs:
+                transport.send(sock, Results(tuple(t for t, _ in pairs), tuple(r for _, r in pairs)))
 
     def _release(self, items: list[Decoded]) -> None:
         by_producer: dict[int, list[int]] = defaultdict(list)

@@ -31,7 +31,8 @@ import zmq
 from wanwu.errors import ReadError, StageError
 from wanwu.pipeline.topology import transport
 from wanwu.pipeline.topology.inflight import Entry, InFlight
-from wanwu.pipeline.topology.messages import Decoded, Drain, End, Lost, Records, Results, ScanDone, Taken, WorkItem
+from wanwu.pipeline.topology.messages import (Decoded, Drain, End, EventKind, Lost, Records, Results, ScanDone, Taken,
+                                              WorkItem)
 from wanwu.pipeline.workers.base import Worker
 from wanwu.pipeline.workers.frames import FrameReading
 from wanwu.pipeline.workers.slots import ProducerSlots
@@ -61,6 +62,7 @@ class _Content:
 # Encoded images queued per decoder: enough to hide read latency, small enough
 # to bound memory (a few 12-megapixel JPEGs at most).
 WORK_HWM = 4
+STREAMS_REPORT_S = 1.0  # between reports of the streams' counters
 FRAME_POLL_MS = 5  # while frame sources are read: how long the sockets are watched before looking for frames
 
 
@@ -70,8 +72,9 @@ class LoaderWorker(Worker):
     def _setup(self) -> None:
         ep = self.spec.endpoints
         self.sources = list(self.spec.sources)
-        self.inputs: tuple[str, ...] = self.cfg.inputs  # type: ignore[attr-defined]  # a JobConfig
-        self.results = transport.socket(self.ctx, zmq.PULL, ep.results, bind=True)
+        self.inputs: tuple[str, ...] = self.spec.inputs
+        self.results = transport.socket(self.ctx, zmq.PULL, ep.frame_results if self.plan.frames_apart else ep.results,
+                                        bind=True)
         self.records = transport.socket(self.ctx, zmq.PUSH, ep.records, bind=False)
         self.work = transport.socket(self.ctx, zmq.PUSH, ep.work, bind=True, hwm=WORK_HWM) if self.plan.decoders else None
         self.producer = self.spec.producer  # >= 0 when a frame source is among the inputs
@@ -108,7 +111,11 @@ class LoaderWorker(Worker):
     # ---- the loop
 
     def _loop(self) -> None:
+        next_report = time.monotonic() + STREAMS_REPORT_S
         while not self.stopped():
+            if self.frames and time.monotonic() >= next_report:  # live figures, for the daemon's /metrics
+                self.emit(EventKind.STREAMS, streams=self.frames.stats())
+                next_report = time.monotonic() + STREAMS_REPORT_S
             if self.producer >= 0:
                 self.slots.take_releases(self.release)
             self._take_results()
@@ -248,6 +255,9 @@ class LoaderWorker(Worker):
             elif isinstance(msg, Results):
                 done = [(entry, r) for entry, r in ((self.inflight.complete(t), r)
                                                     for t, r in zip(msg.tickets, msg.records)) if entry is not None]
+                for e, r in done:
+                    if isinstance(e.context, _Frame) and r.error is None:
+                        self.frames.recognised[r.source] += 1
                 self._forward([replace(r, frame=e.context.meta) if isinstance(e.context, _Frame) else r
                                for e, r in done] + self._twins_of(done))
                 if self.cache is not None:

@@ -28,7 +28,7 @@ class SinkWorker(Worker):
 
     def _setup(self) -> None:
         self.records = transport.socket(self.ctx, zmq.PULL, self.spec.endpoints.records, bind=True)
-        self.sink = create_sink(self.cfg.out)  # type: ignore[attr-defined]  # a JobConfig
+        self.sink = create_sink(self.spec.out)
         # An endless source's output is a log, not a resume ledger: no set of its keys in memory.
         self.sink.open(ledger=not any(s.endless for s in self.spec.sources))
         self.ok = 0

@@ -111,6 +111,7 @@ class VideoSource(FrameSource):
         super().__init__(location, preprocess)
         self.config = config
         self.name = name or stream_name(location)
+        self.named = name is not None  # the user named it: its keys are unique without the input's path
         self.live = is_live(location)
         self.endless = self.live
         self.counts = {"decoded": 0, "sampled": 0, "duplicates": 0, "dropped": 0, "delivered": 0,
@@ -221,7 +222,8 @@ class VideoSource(FrameSource):
             container = av.open(self.location, options=options,
                                 timeout=(self.config.open_timeout_s, self.config.read_timeout_s))
         except (av.FFmpegError, OSError) as exc:
-            raise ReadError(f"cannot open {self.location!r} within {self.config.open_timeout_s:g} s: {exc}") from exc
+            raise ReadError(f"cannot open {self.location!r} (open timeout {self.config.open_timeout_s:g} s): "
+                            f"{exc}") from exc
         if not container.streams.video:
             container.close()
             raise DecodeError(f"expected a video stream in {self.location!r}, found none")
