@@ -52,6 +52,21 @@ def test_a_tie_at_the_k_th_place_in_a_large_row_takes_the_lowest_ids():
     assert ids.tolist() == [[100, 5000, 0, 1, 2], [0, 1, 2, 3, 4]]
 
 
+def test_a_wide_row_with_a_nan_past_its_last_block_or_ties_at_the_threshold():
+    # Wide rows are cut by a threshold from block maxima; the last columns lie past
+    # every block, and a value tied with the k-th may sit anywhere.
+    logits = np.random.default_rng(5).normal(0, 1, (3, CLASSES)).astype(np.float32)
+    logits[0, CLASSES - 1] = np.nan
+    logits[1, [9, 40_000, 3, CLASSES - 2]] = [7.0, 6.0, 6.0, 6.0]
+    logits[2, 1:100] = -5.0
+    logits[2, 100:] = -9.0
+    logits[2, [CLASSES - 1, 0]] = [-0.0, 0.0]
+    scores, ids = softmax_topk(logits, 3)
+    assert ids[0].tolist()[0] == CLASSES - 1 and np.isnan(scores[0]).all()
+    assert ids[1].tolist() == [9, 3, 40_000]
+    assert ids[2].tolist() == [0, CLASSES - 1, 1]
+
+
 def test_minus_zero_ties_with_zero():
     _, ids = softmax_topk(np.array([[-1.0, -0.0, 0.0]], np.float32), 3)
     assert ids.tolist() == [[1, 2, 0]]
