@@ -63,7 +63,8 @@ class PipelineConfig:
     top_k: int = 5  # labels per record
     max_pixels: int = DEFAULT_MAX_PIXELS  # refuse larger images (decompression bombs)
     device: str = "cpu"  # "cpu" or "cuda:N"
-    precision: str = "auto"  # auto | bf16 | fp32
+    precision: str = "auto"  # auto | bf16 | fp32 | int8 | int8+fp32 (hw.PRECISIONS)
+    calibration: str = ""  # int8: folder of calibration photos; "" = the built-in set
     threads: int = 0  # inference threads, 0 = all cores
     slots: int = 0  # shared-memory frame slots in use at once, 0 = sized from batch size and producers
     max_wait_ms: float = 50.0  # run a partial batch after the input stream pauses this long
@@ -87,6 +88,14 @@ class PipelineConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision.startswith("int8"):
+            from wanwu.stages.engines.quantize import calibration_files, nncf_version
+
+            nncf_version()  # before any process starts: NNCF missing is a usage error, naming the extra
+            if self.calibration:
+                calibration_files(self.calibration)
+        elif self.calibration:
+            raise ConfigError(f"--calibration applies to --precision int8 or int8+fp32, got --precision {self.precision}")
         if self.threads < 0:
             raise ConfigError(f"--threads must be 0 (all cores) or positive, got {self.threads}")
         if self.slots and self.slots < self.batch_size + self.decoders:
@@ -112,7 +121,7 @@ class PipelineConfig:
 
     def engine_config(self) -> EngineConfig:
         """The engine's settings."""
-        return EngineConfig(self.device, self.precision, self.threads, self.batch_size)
+        return EngineConfig(self.device, self.precision, self.threads, self.batch_size, calibration=self.calibration)
 
     def decode_config(self, preprocess: Preprocess) -> DecodeConfig:
         """The decoders' settings for a model's geometry."""
@@ -136,6 +145,8 @@ class PipelineConfig:
         engine = resolve_engine_name(self.engine, self.device, model.format)
         precision = self.precision if self.device != "cpu" else (
             f"{self.precision}:{cpu_precision(self.precision, cpuinfo_text())}")
+        if self.precision.startswith("int8"):  # int8 answers depend on the calibration set too
+            precision += f":{os.path.realpath(self.calibration) if self.calibration else 'built-in'}"
         identity = answer_identity(model, engine, precision, self.top_k)
         return RecordCache(self.cache, identity, self.cache_max_bytes)
 

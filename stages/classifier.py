@@ -1,8 +1,10 @@
 """The classifier stage: a batch of frames in, one ``Record`` per frame out.
 
 It is the classification head in one place: the engine's logits (with the fp32
-recheck of ``--precision auto``), softmax top-k, the model's Chinese and English
-labels, and the records built from them. Every place that recognises images uses
+recheck of ``--precision auto`` and ``int8+fp32``), softmax top-k, the model's Chinese
+and English labels, and the records built from them. An answer computed in int8 says so
+in its record: its ``model`` is ``name@int8`` (``INT8_SUFFIX``); a near tie recomputed in
+fp32 carries the plain name, as every other answer. Every place that recognises images uses
 it: the inference process of ``wanwu run`` and ``wanwu serve``, the in-process
 serving backend, the benchmark's inference row and ``wanwu models check``.
 
@@ -12,6 +14,7 @@ It knows nothing of processes: hand it a batch, get records back.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Sequence
 
 import numpy as np
@@ -24,6 +27,8 @@ from wanwu.stages.engines.base import Engine, EngineConfig, create_engine, resol
 from wanwu.stages.models.base import ModelSpec
 
 logger = logging.getLogger(__name__)
+
+INT8_SUFFIX = "@int8"  # appended to the record's model for answers computed in int8
 
 
 class Classifier:
@@ -95,7 +100,19 @@ class Classifier:
             EngineError: the batch does not match ``input_spec()`` or the engine failed.
         """
         scores, class_ids = softmax_topk(self.logits(batch), self.top_k)
-        return Record.results(items, scores, class_ids, self._zh, self._en, self.model.name, now)
+        name = self.model.name
+        if not self.engine.precision.startswith("int8"):
+            return Record.results(items, scores, class_ids, self._zh, self._en, name, now)
+        items, now = list(items), time.time() if now is None else now  # one time for both parts
+        exact = np.zeros(len(items), bool)
+        exact[self.engine.last_exact] = True
+        out: list[Record | None] = [None] * len(items)
+        for rows, model in ((np.flatnonzero(~exact), name + INT8_SUFFIX), (np.flatnonzero(exact), name)):
+            part = Record.results([items[i] for i in rows], scores[rows], class_ids[rows], self._zh, self._en,
+                                  model, now)
+            for i, record in zip(rows.tolist(), part):
+                out[i] = record
+        return out  # type: ignore[return-value]  # every row was filled
 
     def shutdown(self) -> None:
         """Release the engine. Safe to call twice."""

@@ -68,7 +68,10 @@ def add_stage_options(p: argparse.ArgumentParser, defaults: bool = True) -> None
                    help="refuse images with more pixels than this before decoding them (decompression bombs)")
     g.add_argument("--device", default=d("cpu"), help="cpu or cuda:N")
     g.add_argument("--precision", default=d("auto"), choices=list(PRECISIONS),
-                   help="auto: bf16 where the hardware has it, near ties recomputed in fp32")
+                   help="auto: bf16 where the hardware has it, near ties recomputed in fp32; int8: quantized "
+                        "with NNCF (openvino engine, wanwu[int8]); int8+fp32: int8, near ties recomputed in fp32")
+    g.add_argument("--calibration", metavar="DIR", default=d(""),
+                   help="int8: photos to calibrate the quantization on (default: built-in photos, for the embedded model)")
     g.add_argument("--threads", type=int, default=d(0), help="inference threads (0: all cores)")
     g.add_argument("--cache", metavar="DIR", default=d(""),
                    help="result cache (LMDB): an image seen before, by content, is not recognised again")

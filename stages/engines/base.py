@@ -37,6 +37,12 @@ def default_cache_dir() -> Path:
 # of 3% of images for EfficientNet-Lite0, all with bf16 margins under 0.3; 0.25
 # rechecks ~15% of images and kept 99.7-100% agreement with fp32.
 RECHECK_MARGIN = 0.25
+# The same for "int8+fp32". NNCF's int8 (stages/engines/quantize.py) changed 5.3% of
+# EfficientNet-Lite0's top-1 answers on 600 held-out photos; 99.5% agreement needed a
+# margin of 0.23 there (`wanwu models check` prints it), 100% one of 0.33-0.35 across
+# recipes and calibration sizes. 0.3 leaves headroom over 0.23 and rechecks ~19%.
+INT8_RECHECK_MARGIN = 0.3
+RECHECK_MARGINS = {"bf16": RECHECK_MARGIN, "int8": INT8_RECHECK_MARGIN}
 
 
 @dataclass(frozen=True)
@@ -45,29 +51,40 @@ class EngineConfig:
 
     Precision: "fp32"; "bf16" (everything in bf16, fastest, on engines that have
     it); "auto": fp32, or, where the hardware has native bf16 (or on a GPU), bf16
-    with the near ties (top-2 logit margin under ``recheck_margin``) recomputed in
-    fp32, so that bf16 changes almost no top-1 answer.
+    with the near ties (top-2 logit margin under the recheck margin) recomputed in
+    fp32, so that bf16 changes almost no top-1 answer; "int8": the model quantized
+    with NNCF (OpenVINO only, needs ``wanwu[int8]``); "int8+fp32": int8 with the
+    near ties recomputed in fp32. auto never picks int8 (``hw.cpu_precision``).
     """
 
     device: str = "cpu"  # "cpu" or "cuda:N"
-    precision: str = "auto"  # "auto", "bf16" or "fp32" (see above)
+    precision: str = "auto"  # one of hw.PRECISIONS (see above)
     threads: int = 0  # compute threads; 0 means all cores
     max_batch_size: int = 32  # largest batch infer() will be given
     cache_dir: str = ""  # compiled-model cache; "" means default_cache_dir()
-    recheck_margin: float = RECHECK_MARGIN  # auto precision: recompute in fp32 below this top-2 logit margin
+    recheck_margin: float | None = None  # recompute in fp32 below this top-2 logit margin; None: RECHECK_MARGINS
+    calibration: str = ""  # int8: folder of calibration photos; "" means the built-in set (quantize.py)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.max_batch_size <= 0 or self.threads < 0 or self.recheck_margin < 0:
+        margin = 0.0 if self.recheck_margin is None else self.recheck_margin
+        if self.max_batch_size <= 0 or self.threads < 0 or margin < 0:
             raise ConfigError(
                 f"expected max_batch_size > 0, threads >= 0 and recheck_margin >= 0, got "
                 f"{self.max_batch_size}, {self.threads}, {self.recheck_margin}"
             )
+        if self.calibration and not self.precision.startswith("int8"):
+            raise ConfigError(f"expected --calibration only with --precision int8 or int8+fp32, "
+                              f"got --precision {self.precision}")
 
     @property
     def cache_path(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+
+    def margin_for(self, compute: str) -> float:
+        """The recheck margin of answers computed in ``compute`` ("bf16" or "int8")."""
+        return RECHECK_MARGINS.get(compute, 0.0) if self.recheck_margin is None else self.recheck_margin
 
 
 # Model formats (ModelSpec.format) each engine runs. Kept here, not on the engine
@@ -98,13 +115,18 @@ class Engine(ABC):
     """
 
     name: ClassVar[str] = "base"
+    int8: ClassVar[bool] = False  # whether the engine runs the int8 precisions
 
     def __init__(self, model: ModelSpec, cfg: EngineConfig) -> None:
         check_engine_runs(self.name, model)
+        if cfg.precision.startswith("int8") and not self.int8:
+            raise EngineError(f"expected precision auto, bf16 or fp32 for the {self.name} engine, got "
+                              f"{cfg.precision}; int8 runs on --engine openvino")
         self.model = model
         self.cfg = cfg
         self.precision = "fp32"  # what the engine actually runs in, set by _load ("bf16+fp32": rechecked)
-        self.rechecked = 0  # images whose bf16 answer was recomputed in fp32
+        self.rechecked = 0  # images whose bf16 or int8 answer was recomputed in fp32
+        self.last_exact = np.empty(0, np.intp)  # rows of the last batch answered by the fp32 recheck
         self._recheck = False  # set by _load when near ties are recomputed with _infer_exact
         self._loaded = False
         self._closed = False
@@ -137,7 +159,8 @@ class Engine(ABC):
             batch: uint8 array of shape (n, crop, crop, 3), 1 <= n <= max_batch_size.
 
         Returns:
-            float32 array of shape (n, num_classes).
+            float32 array of shape (n, num_classes). With a recheck, the rows listed in
+            ``last_exact`` were recomputed in fp32.
         """
         if not self._loaded:
             self.load()
@@ -150,9 +173,12 @@ class Engine(ABC):
         logits = np.asarray(self._infer(batch), dtype=np.float32)
         if logits.shape != (n, self.model.num_classes):
             raise EngineError(f"expected logits of shape {(n, self.model.num_classes)}, got {logits.shape}")
+        self.last_exact = np.empty(0, np.intp)
         if self._recheck and self.model.num_classes > 1:
             top2 = np.partition(logits, -2, axis=1)[:, -2:]  # linear in the classes, like top-k
-            near = np.flatnonzero(top2[:, 1] - top2[:, 0] < self.cfg.recheck_margin)
+            margin = self.cfg.margin_for(self.precision.partition("+")[0])
+            near = np.flatnonzero(top2[:, 1] - top2[:, 0] < margin)
+            self.last_exact = near
             if near.size:
                 # A copy: logits may be a view of the engine's output buffer.
                 logits = np.array(logits)
@@ -170,7 +196,7 @@ class Engine(ABC):
 
     def _infer_exact(self, batch: np.ndarray) -> np.ndarray:
         """Run the model in fp32; engines that set ``_recheck`` implement it."""
-        raise EngineError(f"the {self.name} engine has no fp32 path to recheck bf16 answers")
+        raise EngineError(f"the {self.name} engine has no fp32 path to recheck {self.precision} answers")
 
     def shutdown(self) -> None:
         """Release the model. Safe to call twice."""

@@ -35,6 +35,10 @@ PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
 class OpenVINOEngine(Engine):
     """Runs an OpenVINO IR on the CPU, one synchronous infer request per batch.
 
+    Int8 precisions run the model quantized by NNCF (``quantize.quantized_ir``, cached;
+    the first start quantizes, which takes a minute for a small model); ``int8+fp32``
+    also compiles the float32 model, to recompute the near ties.
+
     ``performance_hint`` is ``LATENCY`` (one stream using every thread) or
     ``THROUGHPUT`` (``num_streams`` streams, each with a share of the threads).
     With one synchronous request per batch only one stream works at a time, so
@@ -43,6 +47,7 @@ class OpenVINOEngine(Engine):
     """
 
     name = "openvino"
+    int8 = True
 
     def __init__(
         self,
@@ -73,12 +78,22 @@ class OpenVINOEngine(Engine):
             source: str | ov.Model = str(xml)
         else:
             xml, source = Path(self.model.path), read_model_file(self.model)
-        bf16 = cpu_precision(self.cfg.precision, cpuinfo_text()) == "bf16"
-        self._recheck = bf16 and self.cfg.precision == "auto"
-        self.precision = "bf16+fp32" if self._recheck else "bf16" if bf16 else "fp32"
+        compute = cpu_precision(self.cfg.precision, cpuinfo_text())
+        bf16 = compute == "bf16"
+        self._recheck = (bf16 and self.cfg.precision == "auto") or self.cfg.precision == "int8+fp32"
+        self.precision = f"{compute}+fp32" if self._recheck else compute
         threads = self.cfg.threads or cpu_count()
-        self._request = self._compile(source, xml, "bf16" if bf16 else "f32", threads)
-        # auto precision recomputes near ties in fp32 (Engine.infer): a second compiled model.
+        if compute == "int8":
+            from wanwu.stages.engines.quantize import quantized_ir
+
+            int8_xml, quantized = quantized_ir(self.model, source, self.cfg.cache_path, self.cfg.calibration,
+                                               (IR_FORMAT, ov.get_version()))
+            logger.info("openvino engine: int8 IR %s (%s)", int8_xml, "quantized now" if quantized else "from cache")
+            # The layers NNCF keeps in float run in f32: a bf16 hint would add its own changes.
+            self._request = self._compile(str(int8_xml), int8_xml, "f32", threads)
+        else:
+            self._request = self._compile(source, xml, "bf16" if bf16 else "f32", threads)
+        # auto and int8+fp32 recompute near ties in fp32 (Engine.infer): a second compiled model.
         self._exact = self._compile(source, xml, "f32", threads) if self._recheck else None
         origin = ("IR converted" if self.built_ir else "IR from cache") if self.model.format == "torch" \
             else f"{self.model.format} file"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -19,10 +20,19 @@ logger = logging.getLogger(__name__)
 SIZES = ((640, 480, 0.3), (1280, 720, 0.3), (1920, 1080, 0.3), (4032, 3024, 0.1))  # (w, h, share)
 
 
-def _photos() -> list[np.ndarray]:
+# The photos the check corpus crops from; calibration adds others (see ``CALIBRATION_PHOTOS``).
+CHECK_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+# Calibration for int8 (stages/engines/quantize.py) crops these with another seed than the
+# check corpus, so that the agreement `wanwu models check` measures is on held-out photos.
+CALIBRATION_PHOTOS = (*CHECK_PHOTOS, "stereo_motorcycle")
+
+
+def _photos(names: Sequence[str] = CHECK_PHOTOS) -> list[np.ndarray]:
     import skimage.data as data
 
-    return [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]
+    # stereo_motorcycle is a (left, right, disparity) triple: its left view is a photo.
+    loaded = [getattr(data, name)() for name in names]
+    return [photo[0] if isinstance(photo, tuple) else photo for photo in loaded]
 
 
 def corpus_sizes(n: int) -> list[tuple[int, int]]:
@@ -37,12 +47,21 @@ def corpus_sizes(n: int) -> list[tuple[int, int]]:
     return [(h, w) if i % 3 == 0 else (w, h) for i, (w, h) in enumerate(sizes)]
 
 
-def build_corpus(folder: str | Path, n: int = 300) -> list[Path]:
-    """Write ``n`` JPEGs into ``folder`` (reusing files already there); return their paths."""
+def build_corpus(folder: str | Path, n: int = 300, seed: int = 2024,
+                 photos: Sequence[str] = CHECK_PHOTOS) -> list[Path]:
+    """Write ``n`` JPEGs into ``folder`` (reusing files already there); return their paths.
+
+    Args:
+        folder: where the JPEGs go; a file already there under the same name is kept, so a
+            folder must hold one corpus (one ``seed`` and ``photos``) only.
+        n: how many.
+        seed: the crops and JPEG qualities; the default gives the check and benchmark corpus.
+        photos: names of scikit-image's photos to crop from, in turn.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(2024)
-    photos = _photos()
+    rng = np.random.default_rng(seed)
+    photos = _photos(photos)
     paths = []
     for i, (w, h) in enumerate(corpus_sizes(n)):
         photo = photos[i % len(photos)]
