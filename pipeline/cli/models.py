@@ -14,7 +14,7 @@ from typing import Any
 from wanwu.errors import ConfigError, ModelError
 from wanwu.pipeline.cli.options import MODEL_HELP, add_model_options, model_options
 from wanwu.stages.engines.base import ENGINES
-from wanwu.stages.models.check import ENGINE_ORDER
+from wanwu.stages.models.check import AGREEMENT_TARGET, ENGINE_ORDER
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,10 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     chk.add_argument("--engines", nargs="+", default=list(ENGINE_ORDER), choices=ENGINES.names())
     chk.add_argument("--batch-size", type=int, default=32)
     chk.add_argument("--json", default="", metavar="PATH", help="also write the figures as JSON")
+    chk.add_argument("--no-int8", action="store_true",
+                     help="leave out the int8 rows (they need NNCF, wanwu[int8], and quantize on a cold cache)")
+    chk.add_argument("--calibration", default="", metavar="DIR",
+                     help="int8 calibration photos (default: built-in photos, other crops than the check's)")
     chk.add_argument("--min-agreement", type=float, default=0.0,
                      help="exit 1 when any top-1 agreement is below this (0..1)")
     add_model_options(chk)
@@ -182,6 +186,24 @@ def _photo_paths(args: argparse.Namespace, workdir: str) -> list[Path]:
                           f"or --photos DIR: {exc}") from exc
 
 
+def _int8_rows(args: argparse.Namespace) -> bool:
+    """Whether ``models check`` adds int8 rows: unless --no-int8, where NNCF is installed."""
+    from wanwu.stages.engines.quantize import nncf_version
+
+    if args.no_int8:
+        if args.calibration:
+            raise ConfigError("expected --calibration for the int8 rows, got --no-int8 too")
+        return False
+    try:
+        nncf_version()
+    except ConfigError as exc:
+        if args.calibration:
+            raise
+        print(f"wanwu: no int8 rows: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from wanwu.stages.models.check import check_model, decode_batch
 
@@ -191,14 +213,19 @@ def _cmd_check(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="wanwu-check-") as workdir:
         paths = _photo_paths(args, workdir)
         pixels = decode_batch(paths, spec)
-    rows = check_model(spec, pixels, args.engines, args.batch_size)
+    rows = check_model(spec, pixels, args.engines, args.batch_size, int8=_int8_rows(args),
+                       calibration=args.calibration)
     print(f"{spec.name}: top-1 agreement on {len(pixels)} photos; bf16+fp32 is --precision auto "
-          f"(bf16, near ties recomputed in fp32: the RECHECKED share)")
+          f"(bf16, near ties recomputed in fp32: the RECHECKED share), int8+fp32 likewise")
     print(f"{'ENGINE':<12}{'PRECISION':<11}{'VS':<16}{'TOP-1':>7}{'TOP-5':>7}{'MAX|DIFF|':>11}{'MS/IMG':>8}"
           f"{'RECHECKED':>11}")
     for r in rows:
         print(f"{r.engine:<12}{r.precision:<11}{r.reference:<16}{r.top1_agreement:>7.1%}{r.top5_overlap:>7.1%}"
               f"{r.max_abs_diff:>11.3g}{r.ms_per_image:>8.1f}{r.rechecked:>11.1%}")
+    for r in rows:
+        if r.needed_margin is not None:
+            print(f"{r.engine} {r.precision}: {AGREEMENT_TARGET:.1%} top-1 agreement needs a recheck margin of "
+                  f"{r.needed_margin[0]:.3f} here, which recomputes {r.needed_margin[1]:.1%} of the photos")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": spec.name, "images": len(pixels),
                                                "rows": [asdict(r) for r in rows]}, indent=2), encoding="utf-8")
