@@ -25,6 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", type=positive_int, default=300, help="corpus size")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per row, after a warm-up")
     p.add_argument("--quick", action="store_true", help="a small, fast run (for CI): 64 images, 1 repeat")
+    p.add_argument("--precisions", nargs="*", default=None, metavar="P",
+                   help="precisions to measure side by side (inference only and end to end, with top-1 agreement "
+                        "with fp32); default: those this machine runs (fp32, bf16 if native, int8 and int8+fp32 "
+                        "with NNCF), none for --quick; give none to skip them")
     p.add_argument("--memory", action="store_true", help="also compare peak memory of 500- and 5000-image jobs")
     p.add_argument("--workdir", default="", help="where the corpus and archives live (reused between runs)")
     p.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md, bench.png")
@@ -37,11 +41,19 @@ def run(args: argparse.Namespace) -> int:
     from wanwu.bench.report import text_table, write_reports
     from wanwu.bench.suite import BenchConfig, run_suite
 
+    from wanwu.errors import ConfigError
+    from wanwu.stages.engines.hw import PRECISIONS
+
+    precisions = None if args.precisions is None else tuple(args.precisions)
+    unknown = [p for p in precisions or () if p not in PRECISIONS]
+    if unknown:
+        raise ConfigError(f"expected --precisions among {', '.join(PRECISIONS)}, got {', '.join(unknown)}")
     if args.quick:
-        cfg = BenchConfig(images=64, repeats=1, naive_images=16, workdir=args.workdir)
+        cfg = BenchConfig(images=64, repeats=1, naive_images=16, workdir=args.workdir,
+                          precisions=precisions if precisions is not None else ())
     else:
         cfg = BenchConfig(images=args.images, repeats=args.repeats, workdir=args.workdir,
-                          memory_images=(500, 5000) if args.memory else ())
+                          memory_images=(500, 5000) if args.memory else (), precisions=precisions)
     result = run_suite(cfg)
     print(text_table(result))
     for row in result["rows"]:

@@ -37,8 +37,13 @@ def main(argv: list[str]) -> int:
     elif kind == "inference":
         from wanwu.bench.stages import inference_rate
 
-        rate, label = inference_rate(len(paths), args["batch_size"], args["engine"], 0, args["model"], paths)
+        rate, label = inference_rate(len(paths), args["batch_size"], args["engine"], 0, args["model"], paths,
+                                     args.get("precision", "auto"))
         result = {"rate": rate, "engine": label}
+    elif kind == "agreement":
+        from wanwu.bench.stages import precision_agreement
+
+        result = {"rate": 0.0, "precisions": precision_agreement(paths, args["precisions"], model=args["model"])}
     else:
         raise SystemExit(f"unknown measurement {kind!r}")
     print(json.dumps(result))

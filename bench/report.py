@@ -68,10 +68,27 @@ def markdown(result: dict) -> str:
                      f"a corpus of 50% repeats {cached['images_per_s']:.1f} with a cache starting empty against "
                      f"{plain['images_per_s']:.1f} without ({cached['images_per_s'] / plain['images_per_s']:.2f}x; "
                      f"{counts.get('hits', 0)} hits, {counts.get('misses', 0)} misses per run).")
+    lines += _precision_table(by)
     mem = result.get("memory_by_job_size_mb") or {}
     if mem:
         lines.append("Peak RSS by job size: " + ", ".join(f"{n} images {mb:.0f} MB" for n, mb in mem.items()) + ".")
     return "\n".join(lines) + "\n"
+
+
+def _precision_table(by: dict[str, dict]) -> list[str]:
+    """The precision rows side by side: images/s alone and end to end, and agreement with fp32."""
+    precisions = [r["precision"] for name, r in by.items() if name.startswith("inference only ") and "precision" in r]
+    if not precisions:
+        return []
+    lines = ["", "Precisions on OpenVINO (top-1 agreement with fp32 on this corpus, measured apart from the timing):",
+             "", "| precision | inference only images/s | wanwu run images/s | top-1 agreement | recomputed in fp32 |",
+             "|---|---|---|---|---|"]
+    for p in precisions:
+        alone, job = by[f"inference only {p}"], by[f"wanwu {p}"]
+        recomputed = f"{alone['rechecked']:.1%}" if "+" in p else ""
+        lines.append(f"| {p} | {alone['images_per_s']:.1f} | {job['images_per_s']:.1f} | "
+                     f"{alone['top1_agreement']:.1%} | {recomputed} |")
+    return lines
 
 
 def text_table(result: dict) -> str:

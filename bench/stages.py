@@ -67,7 +67,8 @@ def decode_bytes_rate(datas: Sequence[bytes], processes: int, decoder: str = "au
 
 
 def inference_rate(n_images: int, batch_size: int = 32, engine: str = "auto", threads: int = 0,
-                   model: str = "efficientnet_lite0", sample: Sequence[Path] = ()) -> tuple[float, str]:
+                   model: str = "efficientnet_lite0", sample: Sequence[Path] = (),
+                   precision: str = "auto") -> tuple[float, str]:
     """Images/s of the classifier stage alone on ``n_images`` in batches; returns (rate, "engine precision").
 
     The batches hold the decoded pixels of ``sample`` (cycled), not one batch again and
@@ -89,7 +90,7 @@ def inference_rate(n_images: int, batch_size: int = 32, engine: str = "auto", th
     starts = range(0, len(pixels) - batch_size + 1, batch_size)
     batches = [np.ascontiguousarray(pixels[s:s + batch_size]) for s in starts]
     items = [Item(f"{i}", "bench", 224, 224, 0.0) for i in range(batch_size)]
-    classifier = Classifier(spec, engine, EngineConfig(threads=threads, max_batch_size=batch_size))
+    classifier = Classifier(spec, engine, EngineConfig(precision=precision, threads=threads, max_batch_size=batch_size))
     classifier.load()
     classifier.classify(batches[0], items)
     n_batches = max(1, -(-n_images // batch_size))
@@ -100,3 +101,36 @@ def inference_rate(n_images: int, batch_size: int = 32, engine: str = "auto", th
     label = f"{classifier.engine_name} {classifier.precision}"
     classifier.shutdown()
     return rate, label
+
+
+def precision_agreement(paths: Sequence[Path], precisions: Sequence[str], engine: str = "openvino",
+                        model: str = "efficientnet_lite0", batch_size: int = 32) -> dict[str, dict[str, float]]:
+    """Top-1 agreement with fp32 of each of ``precisions`` on ``paths``, decoded as the pipeline does.
+
+    Returns:
+        ``{precision: {"top1_agreement": 0..1, "rechecked": share recomputed in fp32}}``; fp32 agrees
+        with itself. Int8 quantizes here on a cold cache, so the timed rows find it cached.
+    """
+    from wanwu.stages.classifier import Classifier
+    from wanwu.stages.engines.base import EngineConfig
+    from wanwu.stages.models.base import get_model_spec
+    from wanwu.stages.models.check import compare, decode_batch
+
+    spec = get_model_spec(model)
+    pixels = decode_batch(paths, spec)
+
+    def logits(precision: str) -> tuple[np.ndarray, float]:
+        classifier = Classifier(spec, engine, EngineConfig(precision=precision, max_batch_size=batch_size))
+        classifier.load()
+        classifier.engine.rechecked = 0  # not the warm-up's
+        out = np.concatenate([classifier.logits(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
+        rechecked = classifier.engine.rechecked / len(pixels)
+        classifier.shutdown()
+        return out, rechecked
+
+    reference, _ = logits("fp32")
+    result = {}
+    for precision in precisions:
+        out, rechecked = logits(precision) if precision != "fp32" else (reference, 0.0)
+        result[precision] = {"top1_agreement": compare(out, reference)[0], "rechecked": rechecked}
+    return result

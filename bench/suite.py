@@ -46,6 +46,9 @@ class BenchConfig:
     model: str = "efficientnet_lite0"
     workdir: str = ""  # corpus and archives; "" = a folder under the temp dir, reused
     memory_images: tuple[int, ...] = ()  # job sizes for the memory-growth check, e.g. (500, 5000)
+    # Precisions measured side by side (inference only and end to end, with top-1 agreement with
+    # fp32); None: those this machine runs (precision_rows), (): none.
+    precisions: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -202,6 +205,7 @@ def run_suite(cfg: BenchConfig) -> dict:
                                  "wanwu 50% repeats": "no cache", "wanwu 50% repeats cached": "--cache, empty at start"}[
             row.name]
     rows = baselines + [decode, decode_lmdb, inference, run_folder, run_lmdb, warm, repeats, repeats_cached]
+    rows += _precision_rows(cfg, common, workdir / f"corpus-{cfg.images}", workdir)
     return {
         "machine": machine_description(),
         "config": asdict(cfg),
@@ -211,6 +215,42 @@ def run_suite(cfg: BenchConfig) -> dict:
         "efficiency": run_folder.extra["of_limit"],
         "memory_by_job_size_mb": {str(n): b / 2**20 for n, b in memory.items()},
     }
+
+
+def precision_rows() -> tuple[str, ...]:
+    """The precisions this machine runs: fp32, bf16 where the CPU has it natively, int8 and
+    int8+fp32 where NNCF is installed."""
+    import importlib.util
+
+    from wanwu.stages.engines.hw import native_bf16
+
+    return ("fp32", *(("bf16",) if native_bf16(cpuinfo_text()) else ()),
+            *(("int8", "int8+fp32") if importlib.util.find_spec("nncf") else ()))
+
+
+def _precision_rows(cfg: BenchConfig, common: dict, folder: Path, workdir: Path) -> list[Row]:
+    """For each precision, inference only and ``wanwu run --precision P``, with top-1 agreement with fp32.
+
+    Agreement is measured once, outside the timed rows, on the same corpus (which is not the int8
+    calibration set); it also quantizes int8 on a cold engine cache, so no timed row does.
+    """
+    precisions = precision_rows() if cfg.precisions is None else cfg.precisions
+    if not precisions:
+        return []
+    agreement = Row("agreement")
+    _measure(agreement, "agreement", {**common, "precisions": list(precisions)})(True)
+    rows: list[Row] = []
+    steps = []
+    for precision in precisions:
+        alone, job = Row(f"inference only {precision}"), Row(f"wanwu {precision}")
+        steps += [_measure(alone, "inference", {**common, "batch_size": 32, "engine": "openvino",
+                                                "precision": precision}),
+                  _wanwu(job, [str(folder)], workdir, {"engine": "openvino", "precision": precision})]
+        for row, settings in ((alone, f"openvino {precision}, batch 32"), (job, f"wanwu run --precision {precision}")):
+            row.extra.update(agreement.extra["precisions"][precision], precision=precision, settings=settings)
+            rows.append(row)
+    _interleaved(steps, cfg.repeats)
+    return rows
 
 
 def _repeats_corpus(paths: list[Path], folder: Path, n: int) -> Path:
