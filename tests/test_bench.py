@@ -81,6 +81,22 @@ def test_report_states_settings_machine_and_each_rows_own_limit() -> None:
     assert all(line == line.rstrip() for line in table.splitlines())
 
 
+def test_report_puts_the_precisions_side_by_side_with_their_agreement() -> None:
+    result = {
+        "machine": {"cpu": "Intel Xeon", "cores": 2, "memory_gb": 8, "isa": {"AMX": True}, "versions": {}},
+        "config": {"images": 60, "repeats": 1},
+        "rows": [_row("wanwu", 100.0, limit_images_per_s=120.0, of_limit=100 / 120),
+                 *(_row(f"{kind} {p}", rate * (2 if kind == "inference only" else 1), precision=p,
+                        top1_agreement=agree, rechecked=share)
+                   for p, rate, agree, share in (("fp32", 50.0, 1.0, 0.0), ("int8+fp32", 80.0, 0.998, 0.19))
+                   for kind in ("inference only", "wanwu"))],
+    }
+    md = markdown(result)
+    assert "| precision | inference only images/s | wanwu run images/s | top-1 agreement | recomputed in fp32 |" in md
+    assert "| fp32 | 100.0 | 50.0 | 100.0% |  |" in md
+    assert "| int8+fp32 | 160.0 | 80.0 | 99.8% | 19.0% |" in md
+
+
 @pytest.mark.slow
 def test_bench_quick_runs_and_writes_its_reports(tmp_path) -> None:
     proc = run_wanwu("bench", "--quick", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
