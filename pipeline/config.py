@@ -145,8 +145,10 @@ class PipelineConfig:
         engine = resolve_engine_name(self.engine, self.device, model.format)
         precision = self.precision if self.device != "cpu" else (
             f"{self.precision}:{cpu_precision(self.precision, cpuinfo_text())}")
-        if self.precision.startswith("int8"):  # int8 answers depend on the calibration set too
-            precision += f":{os.path.realpath(self.calibration) if self.calibration else 'built-in'}"
+        if self.precision.startswith("int8"):  # int8 answers depend on the calibration set and recipe too
+            from wanwu.stages.engines.quantize import answer_identity as int8_identity
+
+            precision += f":{int8_identity(model, self.calibration)}"
         identity = answer_identity(model, engine, precision, self.top_k)
         return RecordCache(self.cache, identity, self.cache_max_bytes)
 

@@ -199,3 +199,19 @@ def test_general_recognition_quantizes_and_answers(general_folder, tmp_path, pho
     quantized = [ov.Core().read_model(str(xml)) for xml in int8_irs]
     assert any(m.output(0).get_partial_shape()[1].get_length() == 54_092
                and any(op.get_type_name() == "FakeQuantize" for op in m.get_ops()) for m in quantized)
+
+
+def test_result_cache_identity_follows_the_calibration_content(tmp_path, photos):
+    spec = get_model_spec("efficientnet_lite0")
+    folder = calibration_folder(tmp_path / "calibration", photos, n=2)
+
+    def identity(**fields) -> bytes:
+        cache = PipelineConfig(cache=str(tmp_path / "answers"), **fields).open_cache(spec)
+        cache.shutdown()
+        return cache.identity
+
+    first = identity(precision="int8", calibration=str(folder))
+    assert identity(precision="int8", calibration=str(folder)) == first
+    assert identity(precision="int8") != first != identity(precision="fp32")
+    (folder / "cal_0.jpg").write_bytes(jpeg_bytes(photos["rocket"]))
+    assert identity(precision="int8", calibration=str(folder)) != first

@@ -121,6 +121,21 @@ def load_calibration(spec: ModelSpec, folder: str | Path) -> Calibration:
     return Calibration(tuple(files), digest.hexdigest(), str(folder))
 
 
+def answer_identity(spec: ModelSpec, calibration_dir: str) -> str:
+    """What besides the model makes int8 answers what they are, for the result cache's identity:
+    NNCF's version, the recipe, and the calibration set (its content for a folder; the built-in
+    set is fixed by its constants).
+
+    Raises:
+        ConfigError: NNCF is missing, or no photos in ``calibration_dir``.
+    """
+    if calibration_dir:
+        calibration = load_calibration(spec, calibration_dir).digest
+    else:
+        calibration = f"built-in {CALIBRATION_IMAGES} seed {CALIBRATION_SEED}"
+    return f"nncf {nncf_version()}|{RECIPE}|{calibration}"
+
+
 def int8_key(spec: ModelSpec, calibration: Calibration, *parts: str) -> str:
     """The cache entry of ``spec`` quantized on ``calibration`` (``parts``: the IR format, OpenVINO's version)."""
     return cache_key(spec.cache_key(), *parts, f"nncf {nncf_version()}", RECIPE, calibration.digest)
