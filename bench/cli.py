@@ -30,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "with fp32); default: those this machine runs (fp32, bf16 if native, int8 and int8+fp32 "
                         "with NNCF), none for --quick; give none to skip them")
     p.add_argument("--memory", action="store_true", help="also compare peak memory of 500- and 5000-image jobs")
+    p.add_argument("--video", action="store_true",
+                   help="run the video part instead: a 1080p30 H.264 file at --fps 1, --fps 5, every frame and "
+                        "--keyframes beside an OpenCV VideoCapture loop, and how many live 1080p30 streams keep up")
     p.add_argument("--workdir", default="", help="where the corpus and archives live (reused between runs)")
     p.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md, bench.png")
     p.set_defaults(func=run)
@@ -37,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
+
+    if args.video:
+        return _video(args)
 
     from wanwu.bench.report import text_table, write_reports
     from wanwu.bench.suite import BenchConfig, run_suite
@@ -61,4 +67,21 @@ def run(args: argparse.Namespace) -> int:
             print(f"{row['name']}: limit {row['limit_images_per_s']:.1f} images/s, reached {row['of_limit']:.0%}")
     for path in write_reports(result, Path(args.out)):
         print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _video(args: argparse.Namespace) -> int:
+    import json
+    import os
+    from pathlib import Path
+
+    from wanwu.bench.suite import machine_description
+    from wanwu.bench.video import run_video, video_table
+
+    result = {"machine": machine_description(), **run_video(Path(args.workdir or "bench-video"))}
+    os.makedirs(args.out, exist_ok=True)
+    (Path(args.out) / "video.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    table = video_table(result)
+    (Path(args.out) / "video.md").write_text(f"{result['machine']}\n\n{table}\n", encoding="utf-8")
+    print(table)
     return 0
