@@ -5,7 +5,7 @@ The package is laid out by architecture:
 * ``wanwu.stages``: what each step does (sources, decoders, engines, models, sinks),
   knowing nothing of processes;
 * ``wanwu.pipeline``: how stages are wired into processes, sockets and shared memory;
-* ``wanwu.kernels``: array kernels (CPU reference now, CUDA later);
+* ``wanwu.kernels``: array kernels (CPU, and CUDA through CuPy with NumPy references);
 * ``wanwu`` itself holds only the shared vocabulary: errors and specs.
 """
 
