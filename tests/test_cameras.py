@@ -4,6 +4,8 @@ a camera that goes away and comes back, and one that never answers."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -129,6 +131,15 @@ def test_the_daemon_recognises_cameras_beside_its_doors_and_counts_them(tmp_path
         assert metric(m, "wanwu_stream_reconnects_total", 'stream="front"') >= 1
         assert metric(m, "wanwu_stream_reconnects_total", 'stream="back"') >= 1
         assert metric(m, "wanwu_stream_frames_total", 'stream="front",what="decoded"') > recognised
+        # The process that reads the cameras dies (a native decoder's crash): it is replaced, and reading goes on.
+        (loader,) = daemon.worker_pids("loader")
+        os.kill(loader, signal.SIGKILL)
+        recognised = metric(m, "wanwu_stream_frames_total", 'stream="front",what="recognised"')
+        while metric(m, "wanwu_stream_frames_total", 'stream="front",what="recognised"') < recognised + 4:
+            assert time.monotonic() < deadline + 120, "the cameras were not read again after their reader died"
+            time.sleep(0.5)
+        assert metric(m, "wanwu_worker_restarts_total", 'stage="loader"') == 1
+        assert metric(m, "wanwu_ready") == 1
     finally:
         assert daemon.stop() == 0, daemon.stderr
         camera.stop()
