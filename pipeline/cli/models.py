@@ -40,10 +40,11 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     add_model_options(show)
     show.set_defaults(func=_cmd_show)
 
-    exp = msub.add_parser("export", help="export to ONNX, OpenVINO IR or a Triton model repository",
+    exp = msub.add_parser("export", help="export to ONNX, OpenVINO IR or a Triton model repository (with a DALI "
+                                         "ensemble that takes encoded images)",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     exp.add_argument("model", help=MODEL_HELP)
-    exp.add_argument("--format", required=True, choices=["onnx", "openvino", "triton"])
+    exp.add_argument("--format", required=True, choices=["onnx", "openvino", "triton", "triton-ensemble"])
     exp.add_argument("--out", required=True, help="folder to write into (for triton: the model repository)")
     exp.add_argument("--input", choices=["float32", "uint8"], default=None,
                      help="ONNX input: float32 NCHW normalised (default for onnx) or uint8 NHWC pixels "
@@ -53,6 +54,8 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--instances", type=int, default=1, help="triton: instances per device")
     exp.add_argument("--kind", choices=["auto", "cpu", "gpu"], default="auto", help="triton: instance kind")
     exp.add_argument("--queue-delay-us", type=int, default=1000, help="triton: dynamic batching delay")
+    exp.add_argument("--dali-threads", type=int, default=4,
+                     help="triton-ensemble: CPU threads per DALI instance (header reads, crop boxes)")
     exp.add_argument("--no-verify", action="store_true", help="onnx: skip comparing onnxruntime with torch")
     add_model_options(exp)
     exp.set_defaults(func=_cmd_export)
@@ -135,12 +138,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or spec.name
+    triton = {"max_batch_size": args.max_batch_size, "instances": args.instances, "kind": args.kind,
+              "queue_delay_us": args.queue_delay_us}
     if args.format == "triton":
         from wanwu.stages.models.triton import write_triton_repository
 
-        folder = write_triton_repository(spec, out, name, max_batch_size=args.max_batch_size,
-                                         instances=args.instances, kind=args.kind, queue_delay_us=args.queue_delay_us)
+        folder = write_triton_repository(spec, out, name, **triton)
         print(f"wrote Triton model {folder.name} to {folder} (config.pbtxt, labels.txt, 1/model.onnx)")
+        return 0
+    if args.format == "triton-ensemble":
+        from wanwu.stages.models.triton_ensemble import write_triton_ensemble
+
+        folders = write_triton_ensemble(spec, out, name, num_threads=args.dali_threads, **triton)
+        print(f"wrote Triton ensemble {folders['ensemble'].name} (encoded images in, logits out) to {out}: "
+              f"{folders['dali'].name} (1/model.dali, DALI GPU decode, resize and crop) -> "
+              f"{folders['onnx'].name} (1/model.onnx)\nserve it: tritonserver --model-repository={out}")
         return 0
     labels = export.copy_labels(spec, out)
     if args.format == "openvino":

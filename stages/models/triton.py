@@ -35,6 +35,15 @@ def triton_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
 
 
+def check_values(max_batch_size: int, instances: int, kind: str, queue_delay_us: int) -> None:
+    """Raise ``ConfigError`` unless every value is in range (see ``triton_config``)."""
+    if max_batch_size < 1 or instances < 1 or queue_delay_us < 0 or kind not in KINDS:
+        raise ConfigError(
+            f"expected max_batch_size >= 1, instances >= 1, queue_delay_us >= 0 and kind in {sorted(KINDS)}, "
+            f"got {max_batch_size}, {instances}, {queue_delay_us}, {kind!r}"
+        )
+
+
 def triton_config(
     spec: ModelSpec,
     name: str,
@@ -56,11 +65,7 @@ def triton_config(
     Raises:
         ConfigError: a value out of range.
     """
-    if max_batch_size < 1 or instances < 1 or queue_delay_us < 0 or kind not in KINDS:
-        raise ConfigError(
-            f"expected max_batch_size >= 1, instances >= 1, queue_delay_us >= 0 and kind in {sorted(KINDS)}, "
-            f"got {max_batch_size}, {instances}, {queue_delay_us}, {kind!r}"
-        )
+    check_values(max_batch_size, instances, kind, queue_delay_us)
     crop = spec.preprocess.crop
     preferred = sorted({max(1, max_batch_size // 2), max_batch_size})
     return f"""name: "{name}"
