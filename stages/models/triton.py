@@ -9,7 +9,8 @@ Layout (what Triton's ``--model-repository=DIR`` expects)::
 The output names ``labels.txt`` as its ``label_filename``, so Triton's
 classification extension (``class_count`` in a request) answers
 ``"score:class_id:标签"`` strings. Clients send the resized, center-cropped
-uint8 RGB crop; normalisation is inside the graph.
+uint8 RGB crop; normalisation is inside the graph. ``triton_ensemble`` adds a DALI
+model and an ensemble in front of this one, for clients that send encoded images.
 """
 
 from __future__ import annotations
