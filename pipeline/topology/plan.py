@@ -16,7 +16,7 @@ older generation's messages once it hears from the newer one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from wanwu.errors import ConfigError
 from wanwu.specs import FrameSpec, Preprocess, require_match
@@ -27,6 +27,9 @@ from wanwu.stages.models.base import ModelSpec
 from wanwu.stages.sources.base import FrameSource, Source
 
 from wanwu.pipeline.config import PipelineConfig
+
+if TYPE_CHECKING:
+    from wanwu.pipeline.topology.gpu import GpuPlan
 
 HALVES = 2  # slot ranges per producer: its current generation's, and its predecessor's
 
@@ -43,6 +46,7 @@ class Plan:
     preprocess: Preprocess  # the model's geometry, which decoders and frame sources deliver
     frames_apart: bool = False  # the loader's frames have a feeder of their own (the daemon's cameras
     # beside its doors): inference sends their results to ``Endpoints.frame_results``
+    gpu: "GpuPlan | None" = None  # the GPU path (pool placement, streams, decoders); None on a CPU (gpu.py)
 
     @property
     def producers(self) -> int:

@@ -27,12 +27,25 @@ DEFAULT_MAX_PIXELS = 100_000_000
 
 
 @dataclass(frozen=True)
+class MixedOptions:
+    """DALI's ``mixed`` (nvJPEG) decoder settings, decided by the GPU plan (``pipeline/topology/gpu.py``)."""
+
+    hw_decoder_load: float = 0.0  # share of JPEGs sent to the hardware decoder (0: none)
+    preallocate_width_hint: int = 0  # nvJPEG preallocates for images this wide (0: DALI's default)
+    preallocate_height_hint: int = 0  # ...and this high
+    device_memory_padding: int = 16 << 20  # bytes nvJPEG's device buffers grow by
+    host_memory_padding: int = 8 << 20  # bytes its pinned host buffers grow by
+    device_output: bool = False  # frames are left in device memory (outs are CUDA arrays, not NumPy)
+
+
+@dataclass(frozen=True)
 class DecodeConfig:
     """Everything a decoder needs to know, passed explicitly."""
 
     preprocess: Preprocess = Preprocess()  # geometry of the output
     max_pixels: int = DEFAULT_MAX_PIXELS  # refuse larger images before allocating them
     device: str = "cpu"  # "cpu", or "cuda:N" for a GPU decoder (DALI "mixed")
+    mixed: MixedOptions | None = None  # DALI mixed settings on a GPU; None: DALI's defaults
 
     def __post_init__(self) -> None:
         if self.max_pixels <= 0:
