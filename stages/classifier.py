@@ -99,7 +99,12 @@ class Classifier:
         Raises:
             EngineError: the batch does not match ``input_spec()`` or the engine failed.
         """
-        scores, class_ids = softmax_topk(self.logits(batch), self.top_k)
+        return self.records_for(self.logits(batch), items, now)
+
+    def records_for(self, logits: np.ndarray, items: Sequence[Described], now: float | None = None) -> list[Record]:
+        """``classify``'s second half: records from the engine's float32 (n, classes) logits of the last batch
+        (the GPU feed computes them on the device and hands them here)."""
+        scores, class_ids = softmax_topk(logits, self.top_k)
         name = self.model.name
         if not self.engine.precision.startswith("int8"):
             return Record.results(items, scores, class_ids, self._zh, self._en, name, now)

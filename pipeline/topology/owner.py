@@ -131,7 +131,12 @@ class Topology:
         self.ctx = zmq.Context()
         self.pool: SlotPool | None = None
         try:
-            self.pool = SlotPool.create(plan.frame, plan.n_slots)
+            if cfg.device.startswith("cuda"):
+                from wanwu.pipeline.topology.gpu_pool import open_gpu  # CUDA is imported for GPU jobs only
+
+                self.plan, self.pool = open_gpu(cfg, plan)
+            else:
+                self.pool = SlotPool.create(plan.frame, plan.n_slots)
             self.events_socket = transport.socket(self.ctx, zmq.PULL, self.endpoints.events, bind=True)
             self._control = transport.socket(self.ctx, zmq.PUB, self.endpoints.control, bind=True)
         except BaseException:

@@ -16,12 +16,15 @@ import mmap
 import os
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from wanwu.errors import TransportError
 from wanwu.specs import FrameSpec
+
+if TYPE_CHECKING:
+    from wanwu.pipeline.topology.plan import Plan
 
 logger = logging.getLogger(__name__)
 
@@ -128,3 +131,12 @@ class SlotPool:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def attach_pool(fd: int, plan: "Plan") -> Any:
+    """A worker's pool: the host ``SlotPool``, or the owner's device pool when the GPU plan put it there."""
+    if plan.gpu is not None and plan.gpu.pool.placement == "device":
+        from wanwu.pipeline.topology.gpu_pool import attach_device_pool  # CUDA only for GPU jobs
+
+        return attach_device_pool(fd, plan)
+    return SlotPool.attach(fd, plan.frame, plan.n_slots)

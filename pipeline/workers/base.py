@@ -27,7 +27,7 @@ import zmq
 
 from wanwu.pipeline.topology import transport
 from wanwu.pipeline.topology.messages import Event, EventKind, Stop
-from wanwu.pipeline.topology.shm import SlotPool
+from wanwu.pipeline.topology.shm import SlotPool, attach_pool
 from wanwu.pipeline.topology.transport import Endpoints
 
 if TYPE_CHECKING:
@@ -146,7 +146,7 @@ class Worker(ABC):
         status = 0
         try:
             if self.spec.uses_pool:
-                self.pool = SlotPool.attach(self.spec.pool_fd, self.plan.frame, self.plan.n_slots)
+                self.pool = attach_pool(self.spec.pool_fd, self.plan)
             self._setup()
             self._t_start = time.perf_counter()  # busy share counts from here, not from imports
             self.emit(EventKind.READY)

@@ -11,6 +11,7 @@ batch of its own: if it kills this decoder too, it alone is blamed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Iterator
 
@@ -22,7 +23,7 @@ from wanwu.pipeline.topology import transport
 from wanwu.pipeline.topology.messages import Decoded, Results, Taken, WorkItem
 from wanwu.pipeline.workers.base import Worker
 from wanwu.pipeline.workers.slots import ProducerSlots
-from wanwu.stages.decoders.base import create_decoder
+from wanwu.stages.decoders.base import DecodeConfig, create_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,17 @@ class DecoderWorker(Worker):
         self.release = transport.socket(self.ctx, zmq.PULL, ep.release(self.producer), bind=True)
         self.decoded = transport.socket(self.ctx, zmq.PUSH, ep.decoded, bind=False)
         self.results = transport.socket(self.ctx, zmq.PUSH, ep.results, bind=False)
-        self.decoder = create_decoder(self.cfg.decoder, self.cfg.decode_config(self.plan.preprocess))
+        self.decoder = create_decoder(*self._decoder_settings())
+
+    def _decoder_settings(self) -> tuple[str, DecodeConfig]:
+        """The decoder and its settings; a GPU plan adds DALI's mixed options and where frames go."""
+        cfg, gpu = self.cfg.decode_config(self.plan.preprocess), self.plan.gpu
+        if gpu is None:
+            return self.cfg.decoder, cfg
+        if gpu.decode.mixed is not None:
+            mixed = dataclasses.replace(gpu.decode.mixed, device_output=gpu.pool.placement == "device")
+            cfg = dataclasses.replace(cfg, mixed=mixed)
+        return gpu.decode.decoder, cfg
 
     def _loop(self) -> None:
         poller = zmq.Poller()

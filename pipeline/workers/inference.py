@@ -23,6 +23,8 @@ from wanwu.stages.models.base import get_model_spec
 
 logger = logging.getLogger(__name__)
 
+FEED_POLL_S = 0.002  # poll interval while a batch is on the device and nothing follows it
+
 
 class InferenceWorker(Worker):
     """Batches decoded slots and runs the classifier stage on them; see the module docstring."""
@@ -40,6 +42,12 @@ class InferenceWorker(Worker):
         self.classifier = Classifier(model, self.cfg.engine, self.cfg.engine_config(), self.cfg.top_k)
         self.classifier.load()
         self.batch = np.empty((self.cfg.batch_size, *self.plan.frame.shape), np.dtype(self.plan.frame.dtype))
+        self.feed = None  # the device feed of a GPU plan (streams, events, two batch buffers)
+        if self.plan.gpu is not None and self.plan.gpu.feed == "device":
+            from wanwu.pipeline.workers.gpu_feed import CudaFeed  # CUDA only for GPU jobs
+
+            self.feed = CudaFeed(self.plan.gpu, self.pool, self.classifier, self.cfg.batch_size, self._release,
+                                 self._finished)
         self.generation: dict[int, int] = {}  # newest incarnation seen, per producer
 
     def _loop(self) -> None:
@@ -49,17 +57,26 @@ class InferenceWorker(Worker):
         while not self.stopped():
             now = time.perf_counter()
             oldest = now - pending[0][0] if pending else 0.0
-            if self.decoded.poll(policy.wait_s(len(pending), oldest, now - last_arrival) * 1000.0):
+            wait_s = policy.wait_s(len(pending), oldest, now - last_arrival)
+            if self.feed is not None and self.feed.outstanding():
+                wait_s = min(wait_s, FEED_POLL_S)  # answer the batch on the device soon after it computed
+            if self.decoded.poll(wait_s * 1000.0):
                 last_arrival = time.perf_counter()
                 for msg in self._drain():
                     pending.append((last_arrival, msg))
+            ran = False
             while pending:
                 now = time.perf_counter()
                 n = policy.take(len(pending), now - pending[0][0], now - last_arrival)
                 if not n:
                     break
                 self._run_batch([m for _, m in pending[:n]], now - pending[0][0])
+                ran = True
                 del pending[:n]
+            # Nothing follows the batch on the device yet: answer it once it computed, or now when idle.
+            if self.feed is not None and not ran and (not pending or self.feed.computed()):
+                with self.busy():
+                    self.feed.flush()
 
     def _drain(self) -> list[Decoded]:
         """Waiting messages, minus those of producers that have since moved on a generation."""
@@ -75,6 +92,11 @@ class InferenceWorker(Worker):
 
     def _run_batch(self, items: list[Decoded], waited_s: float) -> None:
         assert self.pool is not None
+        if self.feed is not None:
+            self._waited_s = waited_s
+            with self.busy():
+                self.feed.submit(items)  # releases this batch's slots, answers the one before (_finished)
+            return
         n = len(items)
         t = time.perf_counter()
         with self.busy():
@@ -84,6 +106,12 @@ class InferenceWorker(Worker):
         self._send_results(items, records)
         self.items += n
         self.emit(EventKind.BATCH, size=n, queue_s=waited_s, compute_s=time.perf_counter() - t)
+
+    def _finished(self, items: list[Decoded], records: list, compute_s: float) -> None:
+        """The device feed's answer to a batch."""
+        self._send_results(items, records)
+        self.items += len(items)
+        self.emit(EventKind.BATCH, size=len(items), queue_s=getattr(self, "_waited_s", 0.0), compute_s=compute_s)
 
     def _send_results(self, items: list[Decoded], records: list) -> None:
         """Each record to the feeder of its frame: the loader's frames to it when it feeds apart."""
@@ -104,5 +132,7 @@ class InferenceWorker(Worker):
             transport.send(self.release[producer], Release(tuple(slots)))
 
     def _shutdown(self) -> None:
+        if getattr(self, "feed", None) is not None:
+            self.feed.close()
         if hasattr(self, "classifier"):
             self.classifier.shutdown()

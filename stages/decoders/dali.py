@@ -128,8 +128,13 @@ class DaliDecoder(Decoder):
         self._pipe.feed_input("roi_start", [np.array([b[1], b[0]], np.float32) for b in boxes])
         self._pipe.feed_input("roi_end", [np.array([b[3], b[2]], np.float32) for b in boxes])
         (images,) = self._pipe.run()
+        if _on_device(outs[0]):
+            for k, out in enumerate(outs):
+                # Synchronous per frame: the slot is complete before its Decoded message leaves.
+                images[k].copy_to_external(out.__cuda_array_interface__["data"][0], non_blocking=False)
+            return
         if self._device_id is not None:
-            images = images.as_cpu()  # ``out`` is host memory in the current interface
+            images = images.as_cpu()  # host slots (the pinned pool): back across PCIe
         for k, out in enumerate(outs):
             out[...] = np.asarray(images[k])
 
@@ -155,6 +160,7 @@ class DaliDecoder(Decoder):
                 output_type=types.RGB,
                 adjust_orientation=True,
                 jpeg_fancy_upsampling=True,  # as libjpeg-turbo and Pillow do by default
+                **self._mixed_options(),
             )
             # Resizing only the box that survives the center crop is both exact
             # (torchvision's rounding, done in resize_crop_box) and cheaper than
@@ -171,15 +177,35 @@ class DaliDecoder(Decoder):
         pipe.build()
         return pipe
 
-    def _with_turbo(self, data: bytes | memoryview, out: np.ndarray) -> ImageInfo | InputError:
+    def _mixed_options(self) -> dict:
+        """The GPU plan's nvJPEG settings (hardware decoder share, preallocation, padding) on the device."""
+        m = self.cfg.mixed
+        if self._device_id is None or m is None:
+            return {}
+        return dict(hw_decoder_load=m.hw_decoder_load, preallocate_width_hint=m.preallocate_width_hint,
+                    preallocate_height_hint=m.preallocate_height_hint,
+                    device_memory_padding=m.device_memory_padding, host_memory_padding=m.host_memory_padding)
+
+    def _with_turbo(self, data: bytes | memoryview, out) -> ImageInfo | InputError:
         try:
-            return self._turbo.decode_into(data, out)
+            if not _on_device(out):
+                return self._turbo.decode_into(data, out)
+            # A device slot: decode on the CPU into host memory, then one upload (out is a CuPy array).
+            host = np.empty(out.shape, np.uint8)
+            info = self._turbo.decode_into(data, host)
+            out.set(host)
+            return info
         except InputError as exc:
             return exc
 
     def _shutdown(self) -> None:
         self._pipe = None  # DALI frees its threads and buffers when the pipeline is collected
         self._turbo.shutdown()
+
+
+def _on_device(out) -> bool:
+    """Whether ``out`` is device memory (a CUDA array: the GPU plan's device pool)."""
+    return hasattr(out, "__cuda_array_interface__")
 
 
 def _dali_can(found: Probe) -> bool:

@@ -91,7 +91,44 @@ class TorchEngine(Engine):
             logits = self._module(pixels)
         return logits.float().cpu().numpy()
 
+    # ---- the device feed (pipeline/workers/gpu_feed.py): batches already on the GPU, the caller's streams
+
+    def capture_graphs(self, sizes: tuple[int, ...]) -> None:
+        """Capture CUDA graphs of the autocast forward for these batch sizes (CUDA only)."""
+        from wanwu.stages.engines.torch_cuda import CudaGraphs
+
+        self._graphs = CudaGraphs(self._forward, self.input_spec().shape, self._device, sizes) if sizes else None
+
+    def submit_device(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Logits (float32, on the device) for a uint8 NHWC batch on the device, enqueued on the
+        current stream without synchronising. Valid until the next call with the same batch size."""
+        from wanwu.stages.engines.torch_cuda import check_device_batch
+
+        check_device_batch(pixels, self.input_spec().shape, self._device, self.cfg.max_batch_size)
+        graphs = getattr(self, "_graphs", None)
+        return graphs.replay(pixels) if graphs is not None and pixels.shape[0] in graphs else self._forward(pixels)
+
+    def recheck_device(self, pixels: torch.Tensor, logits: np.ndarray) -> np.ndarray:
+        """``logits`` of ``pixels`` with the near ties recomputed in fp32 (as ``infer`` does on the host)."""
+        from wanwu.stages.engines.torch_cuda import recheck_rows
+
+        self.last_exact = recheck_rows(logits, self.cfg.margin_for(self._compute)) if self._recheck else \
+            np.empty(0, np.intp)
+        if self.last_exact.size:
+            rows = torch.as_tensor(self.last_exact, device=self._device)
+            with torch.inference_mode():
+                exact = self._module(pixels.index_select(0, rows)).float().cpu().numpy()
+            logits = np.array(logits)
+            logits[self.last_exact] = exact
+            self.rechecked += int(self.last_exact.size)
+        return logits
+
+    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), self._autocast():
+            return self._module(pixels).float()
+
     def _shutdown(self) -> None:
+        self._graphs = None
         self._module = None
         if getattr(self, "_device", None) is not None and self._device.type == "cuda":
             torch.cuda.empty_cache()
