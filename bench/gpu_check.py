@@ -1,0 +1,218 @@
+"""One command for a GPU machine: ``python -m wanwu.bench.gpu_check [--out DIR]``.
+
+Within 10 minutes it (1) runs ``pytest -m gpu``, (2) measures decode only,
+inference only and end to end on the GPU with the CPU path beside them, (3) takes
+a torch.profiler trace of the inference feed showing host-to-device copies and
+compute on different streams overlapping, then prints a table and writes
+``gpu_check.json`` and ``gpu_trace.json``. Without a GPU it exits 2 and says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+PYTEST_TIMEOUT_S = 300
+RUN_TIMEOUT_S = 120
+EXIT_NO_GPU = 2
+
+
+def no_gpu_reason() -> str | None:
+    """Why this machine cannot run the check, or None."""
+    try:
+        import torch
+    except ImportError as exc:
+        return f"torch does not import: {exc}"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA device (CUDA build {torch.version.cuda})"
+    from wanwu.kernels.cuda import cuda_unavailable_reason
+
+    return cuda_unavailable_reason()
+
+
+def photos_corpus(folder: Path, copies: int) -> list[Path]:
+    """The bundled sample photos, ``copies`` times each (no result cache is used, so copies count)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for photo in sorted((REPO / "samples").iterdir()):
+        for i in range(copies):
+            target = folder / f"{i:04d}-{photo.name}"
+            shutil.copyfile(photo, target)
+            out.append(target)
+    return out
+
+
+def decode_rate(decoder: str, device: str, files: list[Path]) -> float:
+    """Images per second of one decoder decoding ``files`` into host frames (after one warm-up pass)."""
+    import numpy as np
+
+    from wanwu.stages.decoders.base import DecodeConfig, create_decoder
+
+    dec = create_decoder(decoder, DecodeConfig(device=device))
+    datas = [f.read_bytes() for f in files]
+    outs = [np.empty(dec.output_spec().shape, np.uint8) for _ in range(32)]
+    dec.decode_batch_into(datas[:32], outs[: len(datas[:32])])
+    t = time.perf_counter()
+    for i in range(0, len(datas), 32):
+        chunk = datas[i:i + 32]
+        dec.decode_batch_into(chunk, outs[: len(chunk)])
+    dec.shutdown()
+    return len(datas) / (time.perf_counter() - t)
+
+
+def inference_rate(engine: str, device: str, batch: int = 32, batches: int = 20) -> float:
+    """Images per second of the classifier on random uint8 batches (after load and warm-up)."""
+    import numpy as np
+
+    from wanwu.stages.classifier import Classifier
+    from wanwu.stages.engines.base import EngineConfig
+    from wanwu.stages.models.base import get_model_spec
+
+    model = get_model_spec("efficientnet_lite0")
+    clf = Classifier(model, engine, EngineConfig(device=device, max_batch_size=batch))
+    clf.load()
+    x = np.random.default_rng(0).integers(0, 256, (batch, *clf.input_spec().shape), dtype=np.uint8)
+    clf.logits(x)
+    t = time.perf_counter()
+    for _ in range(batches):
+        clf.logits(x)
+    clf.shutdown()
+    return batch * batches / (time.perf_counter() - t)
+
+
+def end_to_end(folder: Path, out: Path, *args: str) -> dict[str, Any]:
+    """``wanwu run`` over ``folder``: wall seconds, images per second, top-1 per key."""
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "wanwu", "run", str(folder), "--out", str(out), "--progress",
+                           "none", *args], capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    wall = time.perf_counter() - t
+    records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    return {"args": list(args), "rc": proc.returncode, "wall_s": wall, "images": len(records),
+            "rate": len(records) / wall, "stderr_tail": proc.stderr[-2000:],
+            "top1": {r["key"]: r["labels"][0]["class_id"] for r in records if r["labels"]}}
+
+
+def overlap_trace(trace_path: Path, batches: int = 8, batch: int = 32) -> dict[str, Any]:
+    """Run the inference feed (pinned pool) under torch.profiler; return the streams and overlap seen.
+
+    Returns:
+        ``copy_streams`` and ``kernel_streams`` (CUDA stream ids seen), and ``overlap_us``: total time
+        during which a host-to-device copy on one stream ran while a kernel ran on another.
+    """
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from wanwu.pipeline.topology.gpu import DeviceFacts, GpuSettings, plan_gpu
+    from wanwu.pipeline.topology.messages import Decoded
+    from wanwu.pipeline.topology.plan import Plan
+    from wanwu.pipeline.topology.shm import SlotPool
+    from wanwu.pipeline.workers.gpu_feed import CudaFeed
+    from wanwu.specs import FrameSpec
+    from wanwu.stages.classifier import Classifier
+    from wanwu.stages.engines.base import EngineConfig
+    from wanwu.stages.models.base import get_model_spec
+
+    model = get_model_spec("efficientnet_lite0")
+    plan = Plan(FrameSpec((224, 224, 3)), 1, False, batch, model.name, model.preprocess)
+    plan = plan_gpu(plan, DeviceFacts("cuda:0", ipc=True, cupy=True, dali=True), "turbo", "torch", 10**8,
+                    GpuSettings(placement="pinned"), batch)
+    pool = SlotPool.create(plan.frame, plan.n_slots)
+    pool.frames[:] = np.random.default_rng(0).integers(0, 256, pool.frames.shape, dtype=np.uint8)
+    clf = Classifier(model, "torch", EngineConfig(device="cuda:0", max_batch_size=batch))
+    clf.load()
+    answered: list[int] = []
+    feed = CudaFeed(plan.gpu, pool, clf, batch, lambda items: None, lambda items, recs, s: answered.append(len(recs)))
+
+    def items(n: int) -> list[Decoded]:
+        first = (n % 2) * batch
+        return [Decoded(n * batch + i, f"k{n}-{i}", "s", first + i, 224, 224, 0.0, 0, 0) for i in range(batch)]
+
+    for n in range(2):  # warm-up: cuDNN picks its algorithms
+        feed.submit(items(n))
+    feed.flush()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for n in range(batches):
+            feed.submit(items(n))
+        feed.flush()
+    prof.export_chrome_trace(str(trace_path))
+    feed.close()
+    clf.shutdown()
+    pool.close()
+    events = json.loads(trace_path.read_text()).get("traceEvents", [])
+    copies = [e for e in events if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", "")]
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    overlap = 0.0
+    for c in copies:
+        for k in kernels:
+            if c["args"].get("stream") != k["args"].get("stream"):
+                start, end = max(c["ts"], k["ts"]), min(c["ts"] + c["dur"], k["ts"] + k["dur"])
+                overlap += max(0.0, end - start)
+    return {"answered": sum(answered), "copy_streams": sorted({c["args"].get("stream") for c in copies}),
+            "kernel_streams": sorted({k["args"].get("stream") for k in kernels}), "overlap_us": overlap,
+            "copies": len(copies), "kernels": len(kernels)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wanwu.bench.gpu_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="gpu-check", help="folder for gpu_check.json and gpu_trace.json")
+    parser.add_argument("--copies", type=int, default=64, help="copies of each sample photo in the corpus")
+    parser.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu")
+    args = parser.parse_args(argv)
+    reason = no_gpu_reason()
+    if reason is not None:
+        print(f"gpu_check needs a CUDA GPU and found none: {reason}. Nothing was measured.", file=sys.stderr)
+        return EXIT_NO_GPU
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"machine": {"gpu": torch.cuda.get_device_name(0), "host": platform.node(),
+                                          "cpus": os.cpu_count(), "torch": torch.__version__}}
+    if not args.skip_tests:
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", str(REPO / "tests")],
+                              capture_output=True, text=True, timeout=PYTEST_TIMEOUT_S)
+        report["pytest"] = {"rc": proc.returncode, "wall_s": time.perf_counter() - t, "tail": proc.stdout[-3000:]}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = photos_corpus(Path(tmp) / "photos", args.copies)
+        rows = {"decode dali cuda:0": decode_rate("dali", "cuda:0", files),
+                "decode turbo cpu": decode_rate("turbo", "cpu", files),
+                "inference torch cuda:0": inference_rate("torch", "cuda:0"),
+                "inference auto cpu": inference_rate("auto", "cpu", batches=3)}
+        gpu_run = end_to_end(Path(tmp) / "photos", Path(tmp) / "gpu.jsonl", "--device", "cuda:0", "--engine", "torch")
+        cpu_run = end_to_end(Path(tmp) / "photos", Path(tmp) / "cpu.jsonl")
+        rows["end to end cuda:0"], rows["end to end cpu"] = gpu_run["rate"], cpu_run["rate"]
+        agree = sum(gpu_run["top1"].get(k) == v for k, v in cpu_run["top1"].items())
+        report["end_to_end"] = {"gpu": gpu_run, "cpu": cpu_run, "top1_agree": agree, "of": len(cpu_run["top1"])}
+    report["rates"] = rows
+    report["trace"] = overlap_trace(out / "gpu_trace.json")
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"GPU check on {report['machine']['gpu']}")
+    print(f"{'row':<28}{'images/s':>12}")
+    for name, rate in rows.items():
+        print(f"{name:<28}{rate:>12.1f}")
+    tr = report["trace"]
+    print(f"trace: H2D on streams {tr['copy_streams']}, kernels on {tr['kernel_streams']}, "
+          f"overlap {tr['overlap_us'] / 1000:.2f} ms; top-1 agreement {agree}/{len(cpu_run['top1'])}")
+    if "pytest" in report:
+        print(f"pytest -m gpu: exit {report['pytest']['rc']}")
+    ok = report.get("pytest", {}).get("rc", 0) == 0 and gpu_run["rc"] == 0 and tr["overlap_us"] > 0
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
