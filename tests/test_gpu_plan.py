@@ -141,8 +141,11 @@ def test_frame_sources_cpu_decoders_and_other_engines():
     assert frames_only.decode.chain == ("cpu",)  # no decoder process: nothing to plan for DALI
     ort = plan_gpu(cpu_plan(), H200, "turbo", "onnxruntime", 10**8).gpu
     assert ort.feed == "host"
-    with pytest.raises(PlanError, match="torch engine to read a device pool, got 'onnxruntime'"):
-        plan_gpu(cpu_plan(), H200, "dali", "onnxruntime", 10**8)
+    ort_dali = plan_gpu(cpu_plan(), H200, "dali", "onnxruntime", 10**8).gpu  # DALI decodes; ORT reads host arrays
+    assert (ort_dali.pool.placement, ort_dali.feed) == ("pinned", "host")
+    assert "the engine reads host arrays" in ort_dali.pool.why
+    with pytest.raises(PlanError, match="device pool to be possible, got: the engine reads host arrays"):
+        plan_gpu(cpu_plan(), H200, "dali", "onnxruntime", 10**8, GpuSettings(placement="device"))
     with pytest.raises(PlanError, match="CUDA device .* got 'cpu'"):
         plan_gpu(cpu_plan(), replace(H200, device="cpu"), "dali", "torch", 10**8)
 

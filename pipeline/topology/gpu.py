@@ -150,7 +150,8 @@ def round_up(n: int, to: int) -> int:
     return -(-n // to) * to
 
 
-def plan_pool(plan: Plan, facts: DeviceFacts, device_frames: bool, settings: GpuSettings) -> PoolPlan:
+def plan_pool(plan: Plan, facts: DeviceFacts, device_frames: bool, settings: GpuSettings,
+              engine_reads_device: bool = True) -> PoolPlan:
     """Place and size the slot pool.
 
     Args:
@@ -158,6 +159,8 @@ def plan_pool(plan: Plan, facts: DeviceFacts, device_frames: bool, settings: Gpu
         facts: what the machine offers.
         device_frames: every producer can leave its frames on the device (DALI mixed, no frame source).
         settings: the user's choice of placement.
+        engine_reads_device: the engine takes frames in device memory (the torch engine); others
+            (ONNX Runtime) take host arrays.
 
     Raises:
         PlanError: a device pool was asked for where it cannot work, or would take more than
@@ -165,6 +168,7 @@ def plan_pool(plan: Plan, facts: DeviceFacts, device_frames: bool, settings: Gpu
     """
     slot, n = plan.frame.nbytes, plan.n_slots
     missing = [why for ok, why in ((device_frames, "a producer writes host frames (CPU decoder or frame source)"),
+                                   (engine_reads_device, "the engine reads host arrays (use --engine torch)"),
                                    (facts.ipc, "CUDA IPC is unavailable here"),
                                    (facts.cupy, "CuPy (the 'gpu' extra) is not installed")) if not ok]
     if settings.placement == "device" and missing:
@@ -251,10 +255,9 @@ def plan_gpu(plan: Plan, facts: DeviceFacts, decoder: str, engine: str, max_pixe
         raise PlanError(f"expected a CUDA device for the GPU plan, got {facts.device!r}")
     decode = plan_decode(decoder if plan.decoders else "turbo", facts, settings, max_pixels)
     device_frames = decode.decoder == "dali" and not plan.frame_producer
-    pool = plan_pool(plan, facts, device_frames, settings)
     feed = "device" if engine == "torch" else "host"
-    if pool.placement == "device" and feed != "device":
-        raise PlanError(f"expected the torch engine to read a device pool, got {engine!r}; use --engine torch")
+    # Other engines (ONNX Runtime) take host arrays: their frames go to the pinned host pool.
+    pool = plan_pool(plan, facts, device_frames, settings, engine_reads_device=feed == "device")
     graphs = (settings.graph_batch_sizes or (batch_size,)) if settings.cuda_graphs and feed == "device" else ()
     if any(n > batch_size for n in graphs):
         raise PlanError(f"expected CUDA graph batch sizes up to the batch size {batch_size}, got {graphs}")

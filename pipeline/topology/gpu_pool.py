@@ -164,8 +164,13 @@ def open_gpu(cfg: "PipelineConfig", plan: Plan, settings: GpuSettings = GpuSetti
     if facts is None:
         logger.warning("no CUDA device %s here: planning as on a CPU", cfg.device)
         return plan, SlotPool.create(plan.frame, plan.n_slots)
-    # The model's format is not known here; a model torch cannot run fails in the inference process.
-    engine = "torch" if cfg.engine == "auto" else cfg.engine
+    from wanwu.stages.engines.base import resolve_engine_name
+    from wanwu.stages.models.base import get_model_spec
+
+    # The engine as the inference process will resolve it: an ONNX model on auto is ONNX Runtime,
+    # which keeps the host path, not the torch engine's device pool.
+    model = get_model_spec(cfg.model, **cfg.model_options())  # light: no framework import
+    engine = resolve_engine_name(cfg.engine, cfg.device, model.format)
     plan = plan_gpu(plan, facts, resolve_decoder_name(cfg.decoder, cfg.device), engine, cfg.max_pixels,
                     settings, cfg.batch_size)
     assert plan.gpu is not None
