@@ -80,8 +80,11 @@ def test_a_payload_frame_travels_after_its_message():
 def test_records_keep_their_field_order_and_error_types():
     from wanwu.records import RECORD_FIELDS
 
-    assert list(RECORD.to_dict()) == list(RECORD_FIELDS) == [f.name for f in fields(Record)][:-1]
+    assert list(RECORD.to_dict()) == list(RECORD_FIELDS) == [f.name for f in fields(Record)][:-2]
+    assert [f.name for f in fields(Record)][-2:] == ["cached", "frame"]  # optional, written only when set
     assert RECORD.__class__(**{**RECORD.to_dict(), "cached": True}).to_dict()["cached"] is True
+    frame = {"stream": "cam", "frame": 7, "pts_s": 0.28}
+    assert list(RECORD.__class__(**{**RECORD.to_dict(), "frame": frame}).to_dict())[-1] == "frame"
     from wanwu.pipeline.serve.backend import ServeError
 
     failed = Record.failure("k", "zmq", "m", ServeError("queue_full", "full"), t0=time.time() - 0.01)
