@@ -226,9 +226,14 @@ def wanwu_streams(clip: Path, workdir: Path, n: int) -> dict:
 
 
 def opencv_streams(clip: Path, n: int, model: str) -> dict:
-    """N streams read by the OpenCV loop, a thread each (OpenCV releases the GIL), one shared model."""
+    """N streams read by the OpenCV loop, a thread each (OpenCV releases the GIL), one shared model.
+
+    Each thread counts what it read within the live window after it connected (as ``--duration``
+    bounds wanwu): frames still buffered in the socket after the window are not reading live.
+    """
     streamers = _start_streamers(clip, n)
-    code = _OPENCV_STREAMS.format(urls=[s.url for s in streamers], every=CLIP_FPS // 2, model=model)
+    code = _OPENCV_STREAMS.format(urls=[s.url for s in streamers], every=CLIP_FPS // 2, model=model,
+                                  window=STREAM_SECONDS + 2)
     job = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for s in streamers:
         s.join()
@@ -241,7 +246,7 @@ def opencv_streams(clip: Path, n: int, model: str) -> dict:
 
 
 _OPENCV_STREAMS = '''
-import threading, cv2, numpy as np, torch
+import threading, time, cv2, numpy as np, torch
 from wanwu.bench.baselines import _torch_model, baseline_settings
 from wanwu.stages.engines.hw import cpu_count, cpuinfo_text
 settings = baseline_settings("naive", cpuinfo_text(), cpu_count())
@@ -252,8 +257,9 @@ lock = threading.Lock()
 counts = {{}}
 def read(url):
     cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG)
+    end = time.monotonic() + {window}  # what it read of the live window, as wanwu's --duration counts
     i = done = 0
-    while cap.grab():
+    while time.monotonic() < end and cap.grab():
         if i % {every} == 0:
             ok, bgr = cap.retrieve()
             h, w = bgr.shape[:2]; s = p.resize_shorter / min(h, w)
