@@ -75,6 +75,7 @@ def _video(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
+    from wanwu.bench.report import machine_line
     from wanwu.bench.suite import machine_description
     from wanwu.bench.video import run_video, video_table
 
@@ -82,6 +83,6 @@ def _video(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
     (Path(args.out) / "video.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     table = video_table(result)
-    (Path(args.out) / "video.md").write_text(f"{result['machine']}\n\n{table}\n", encoding="utf-8")
+    (Path(args.out) / "video.md").write_text(f"{machine_line(result['machine'])}\n\n{table}\n", encoding="utf-8")
     print(table)
     return 0
