@@ -90,25 +90,29 @@ def opencv_file(clip: Path, every: int, model: str) -> dict:
 
 
 # Run in a process of its own so its model and threads start as a user's script would.
-_OPENCV_LOOP = '''
-import cv2, numpy as np, torch
+_OPENCV_SETUP = '''
+import threading, time, cv2, numpy as np, torch
 from wanwu.bench.baselines import _torch_model, baseline_settings
 from wanwu.stages.engines.hw import cpu_count, cpuinfo_text
 settings = baseline_settings("naive", cpuinfo_text(), cpu_count())
 spec, run = _torch_model("{model}", settings)
 p = spec.preprocess
 mean = np.array(p.mean, np.float32) * 255; std = np.array(p.std, np.float32) * 255
+def tensor(bgr):
+    h, w = bgr.shape[:2]; s = p.resize_shorter / min(h, w)
+    img = cv2.resize(bgr, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
+    y, x = (img.shape[0] - p.crop) // 2, (img.shape[1] - p.crop) // 2
+    rgb = img[y:y + p.crop, x:x + p.crop, ::-1].astype(np.float32)
+    return torch.from_numpy(((rgb - mean) / std).transpose(2, 0, 1).copy()).unsqueeze(0)
+'''
+
+_OPENCV_LOOP = _OPENCV_SETUP + '''
 cap = cv2.VideoCapture("{clip}", cv2.CAP_FFMPEG)
 i = done = 0
 while cap.grab():
     if i % {every} == 0:
         ok, bgr = cap.retrieve()
-        h, w = bgr.shape[:2]; s = p.resize_shorter / min(h, w)
-        img = cv2.resize(bgr, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
-        y, x = (img.shape[0] - p.crop) // 2, (img.shape[1] - p.crop) // 2
-        rgb = img[y:y + p.crop, x:x + p.crop, ::-1].astype(np.float32)
-        t = torch.from_numpy(((rgb - mean) / std).transpose(2, 0, 1).copy()).unsqueeze(0)
-        run(t).softmax(-1).topk(5)
+        run(tensor(bgr)).softmax(-1).topk(5)
         done += 1
     i += 1
 print(i, done)
@@ -245,14 +249,7 @@ def opencv_streams(clip: Path, n: int, model: str) -> dict:
     return {"streams": n, "min_fps": min(fps), "keeps_up": len(counts) == n and min(fps) >= KEEP_UP * CLIP_FPS}
 
 
-_OPENCV_STREAMS = '''
-import threading, time, cv2, numpy as np, torch
-from wanwu.bench.baselines import _torch_model, baseline_settings
-from wanwu.stages.engines.hw import cpu_count, cpuinfo_text
-settings = baseline_settings("naive", cpuinfo_text(), cpu_count())
-spec, run = _torch_model("{model}", settings)
-p = spec.preprocess
-mean = np.array(p.mean, np.float32) * 255; std = np.array(p.std, np.float32) * 255
+_OPENCV_STREAMS = _OPENCV_SETUP + '''
 lock = threading.Lock()
 counts = {{}}
 def read(url):
@@ -262,13 +259,9 @@ def read(url):
     while time.monotonic() < end and cap.grab():
         if i % {every} == 0:
             ok, bgr = cap.retrieve()
-            h, w = bgr.shape[:2]; s = p.resize_shorter / min(h, w)
-            img = cv2.resize(bgr, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
-            y, x = (img.shape[0] - p.crop) // 2, (img.shape[1] - p.crop) // 2
-            rgb = img[y:y + p.crop, x:x + p.crop, ::-1].astype(np.float32)
-            t = torch.from_numpy(((rgb - mean) / std).transpose(2, 0, 1).copy()).unsqueeze(0)
+            x = tensor(bgr)
             with lock:
-                run(t).softmax(-1).topk(5)
+                run(x).softmax(-1).topk(5)
             done += 1
         i += 1
     counts[url] = (i, done)
