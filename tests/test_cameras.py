@@ -15,6 +15,7 @@ from PIL import Image
 
 from conftest import run_wanwu, wanwu_cmd
 from videokit import SCENES, RtspCamera, SilentServer
+from wanwu.specs import Preprocess
 from wanwu.stages.sinks.base import read_records
 
 pytestmark = pytest.mark.slow
@@ -147,3 +148,26 @@ def test_the_daemon_recognises_cameras_beside_its_doors_and_counts_them(tmp_path
     fronts = [r for r in records if r["key"].startswith("front@")]
     assert len(fronts) >= 8 and {r["labels"][0]["label"] for r in fronts} <= scene_labels
     assert all(r["frame"]["stream"] == "front" for r in fronts)
+
+
+def test_cameras_in_the_daemon_config(tmp_path: Path):
+    from wanwu.errors import ConfigError
+    from wanwu.pipeline.serve.config import ServeConfig
+
+    toml = tmp_path / "serve.toml"
+    toml.write_text('[cameras]\ngate = "rtsp://10.0.0.5/s1"\ndock = "udp://239.0.0.1:1234"\n'
+                    '[out]\ncamera_out = "cams.sqlite"\nfps = 2\n', encoding="utf-8")
+    cfg = ServeConfig.from_toml(str(toml))
+    assert cfg.camera_urls() == {"gate": "rtsp://10.0.0.5/s1", "dock": "udp://239.0.0.1:1234"}
+    sources = cfg.camera_sources(Preprocess())
+    assert [(s.name, s.named, s.endless, s.config.retry_unopened) for s in sources] == [
+        ("gate", True, True, True), ("dock", True, True, True)]  # cameras retry forever, even never opened
+    assert sources[0].config.sampling.fps == 2
+    with pytest.raises(ConfigError, match="NAME=URL"):
+        ServeConfig.build({"cameras": ["gate"], "camera_out": "c.jsonl"})
+    with pytest.raises(ConfigError, match="twice"):
+        ServeConfig.build({"cameras": ["a=rtsp://h/1", "a=rtsp://h/2"], "camera_out": "c.jsonl"})
+    with pytest.raises(ConfigError, match="camera_out"):
+        ServeConfig.build({"cameras": ["a=rtsp://h/1"]})
+    with pytest.raises(ConfigError, match="different files"):
+        ServeConfig.build({"cameras": ["a=rtsp://h/1"], "camera_out": "r.jsonl", "out": "r.jsonl", "watch": "w"})
