@@ -130,3 +130,15 @@ def test_bench_quick_runs_and_writes_its_reports(tmp_path) -> None:
     with Image.open(tmp_path / "out" / "bench.png") as im:
         assert im.format == "PNG" and im.size[0] > 400
     assert "images/s" in proc.stdout
+
+
+def test_the_video_tables_name_both_sides_and_the_ratio():
+    from wanwu.bench.video import video_table
+
+    side = {"wall_s": 10.0, "decoded": 900, "recognised": 30}
+    result = {"files": [{"mode": "--fps 1", "wanwu": {**side, "wall_s": 4.0}, "opencv": side}],
+              "streams": [{"streams": 16, "wanwu": {"min_fps": 30.0, "min_recognised_share": 0.35, "keeps_up": False},
+                           "opencv": {"min_fps": 18.8, "keeps_up": False}}]}
+    lines = video_table(result).splitlines()
+    assert lines[2] == "| --fps 1 | 30 (OpenCV 30) | 4.0 | 225 | 10.0 | 90 | 2.50x |"
+    assert lines[-1] == "| 16 | 30.0 fps | 35% | no | 18.8 fps | no |"
