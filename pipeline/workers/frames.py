@@ -92,15 +92,15 @@ class FrameReading:
 
     def _key(self, index: int, source: FrameSource, key: str) -> str:
         # A stream named by the user (a camera) keeps its key: the names are unique already.
-        return key if getattr(source, "named", False) else job_key(self.inputs[index], key, self.several)
+        return key if source.named else job_key(self.inputs[index], key, self.several)
 
     def stats(self) -> dict[str, dict]:
         """Per stream (by its name when it has one, else by input as given), the counters of the
         sources that keep them, with the frames recognised."""
         out = {}
         for source in [s for _, s in self.active] + self.finished:
-            stats = getattr(source, "stats", None)
-            if stats is not None:
-                name = source.name if getattr(source, "named", False) else source.location  # type: ignore[attr-defined]
-                out[name] = {**stats(), "recognised": self.recognised[source.location]}
+            stats = source.stats()
+            if stats:
+                name = source.name if source.named else source.location  # type: ignore[attr-defined]  # named: a video
+                out[name] = {**stats, "recognised": self.recognised[source.location]}
         return out

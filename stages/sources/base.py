@@ -107,11 +107,16 @@ class FrameSource(ABC):
         self.preprocess = preprocess
         self.endless = False  # a live stream never ends by itself; set by subclasses
         self.ended = False  # set once the last frame was handed over
+        self.named = False  # the user named this stream: its keys are unique without the input's path
         self._closed = False
 
     def output_spec(self) -> FrameSpec:
         """What one frame looks like, declared before anything runs."""
         return self.preprocess.frame
+
+    def stats(self) -> dict:
+        """Counters of the source's own (a video stream's frames decoded, sampled, ...); {} if it keeps none."""
+        return {}
 
     def read_into(self, out: np.ndarray, timeout_s: float) -> FrameInfo | FrameFailure | None:
         """Write the next frame into ``out``. Do not override: implement ``_read_into``.

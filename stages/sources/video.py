@@ -37,7 +37,7 @@ import numpy as np
 
 from wanwu.errors import ConfigError, DecodeError, ReadError
 from wanwu.kernels.geometry import resized_size
-from wanwu.specs import FrameSpec, Preprocess
+from wanwu.specs import Preprocess
 from wanwu.stages.sources.base import FrameFailure, FrameInfo, FrameSource
 from wanwu.stages.sources.sampling import FrameSampler, SamplingConfig
 
@@ -111,7 +111,7 @@ class VideoSource(FrameSource):
         super().__init__(location, preprocess)
         self.config = config
         self.name = name or stream_name(location)
-        self.named = name is not None  # the user named it: its keys are unique without the input's path
+        self.named = name is not None
         self.live = is_live(location)
         self.endless = self.live
         self.counts = {"decoded": 0, "sampled": 0, "duplicates": 0, "dropped": 0, "delivered": 0,
@@ -167,9 +167,6 @@ class VideoSource(FrameSource):
             self.counts["delivered"] += 1
             self.lag_s = time.monotonic() - decoded_at
         return info
-
-    def output_spec(self) -> FrameSpec:
-        return self.preprocess.frame
 
     # ---- the reader thread
 
