@@ -17,6 +17,7 @@ from importlib.metadata import entry_points
 from wanwu import __version__
 from wanwu.errors import ConfigError, WanwuError
 from wanwu.pipeline.cli.cache import add_cache_parser
+from wanwu.pipeline.cli.cluster import add_ray_options, ray_config
 from wanwu.pipeline.cli.models import add_models_parser
 from wanwu.pipeline.cli.options import add_stage_options, model_options, pipeline_fields, positive_int
 from wanwu.pipeline.cli.serve import add_serve_parser
@@ -52,6 +53,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="stop taking input after S seconds, then finish what is in flight (0: no limit)")
     add_stage_options(p)
     add_video_options(p)
+    add_ray_options(p)
     p.set_defaults(func=_cmd_run)
 
 
@@ -107,7 +109,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = JobConfig(inputs=tuple(inputs), out=args.out, progress=args.progress, duration_s=args.duration_s,
                     **pipeline_fields(args))
     _check_model(args)
-    result = run_job(cfg)
+    cluster = ray_config(args)
+    if cluster is not None:
+        from wanwu.pipeline.cluster.runner import run_cluster_job
+
+        result = run_cluster_job(cfg, cluster)
+    else:
+        result = run_job(cfg)
     print(result.summary(args.out), file=sys.stderr)
     if args.stats_json:
         import json

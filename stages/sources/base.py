@@ -41,6 +41,7 @@ class SourceItem:
     key: str  # unique name of the input within the job; the record's "key"
     source: str  # the folder, list file or archive it came from; the record's "source"
     locator: str  # how the source finds it again: an absolute path, or an LMDB key
+    position: str = ""  # where ``scan_range`` starts at this item ("": the locator)
 
 
 class Source(ABC):
@@ -60,6 +61,31 @@ class Source(ABC):
     @abstractmethod
     def read(self, item: SourceItem) -> bytes | memoryview:
         """The encoded bytes of ``item``. Raises ``ReadError`` if they cannot be read."""
+
+    def scan_range(self, start: str | None = None, stop: str | None = None) -> Iterator[SourceItem]:
+        """The items from the one at position ``start`` up to, not including, the one at ``stop``.
+
+        A shard of the scan, for runners that split a job between machines
+        (``wanwu run --ray``): positions are those of the items ``scan_range()`` yields,
+        and ``scan_range(a, b)`` then ``scan_range(b, c)`` yield the items of
+        ``scan_range(a, c)``. Unlike ``scan()``, it never drops an item as a repeat of
+        one outside the range (a list file's line listed twice is yielded twice);
+        the ledger that receives the records keeps one per key.
+        """
+        return self._scan_range(start, stop)
+
+    def _scan_range(self, start: str | None, stop: str | None) -> Iterator[SourceItem]:
+        """Hook: sources that can seek override this; the default walks ``scan()`` from the start."""
+        started = start is None
+        for item in self.scan():
+            position = item.position or item.locator
+            if not started:
+                started = position == start
+                if not started:
+                    continue
+            if stop is not None and position == stop:
+                return
+            yield item
 
     def shutdown(self) -> None:
         """Close files or environments. Safe to call twice."""

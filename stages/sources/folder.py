@@ -35,10 +35,15 @@ class FolderSource(Source):
         Raises:
             ConfigError: the folder itself cannot be listed.
         """
+        return self._scan_range(None, None)
+
+    def _scan_range(self, start: str | None, stop: str | None) -> Iterator[SourceItem]:
+        """Positions are the relative paths; only the sub-folders that can hold the range are listed."""
         root = os.path.abspath(self.location)
         try:
-            for rel in walk_images(root):
-                yield SourceItem(key=key_text(rel), source=self.location, locator=os.path.join(root, rel))
+            for rel in walk_images(root, start=_parts(start), stop=None if stop is None else _parts(stop)):
+                yield SourceItem(key=key_text(rel), source=self.location, locator=os.path.join(root, rel),
+                                 position=rel)
         except OSError as exc:
             raise ConfigError(f"expected a readable folder, got {self.location!r}: {exc}") from exc
 
@@ -47,36 +52,53 @@ class FolderSource(Source):
         return read_file(item.locator)
 
 
-def walk_images(root: str, prune: Callable[[os.DirEntry[str]], bool] | None = None) -> Iterator[str]:
+def walk_images(root: str, prune: Callable[[os.DirEntry[str]], bool] | None = None,
+                start: tuple[str, ...] = (), stop: tuple[str, ...] | None = None) -> Iterator[str]:
     """Paths (relative to ``root``, ``/``-separated) of the image files under ``root``, at any depth.
 
     Depth-first; within each folder, entries in order of name (files and sub-folders
-    interleaved), so two walks of an unchanged tree agree. Symlinked folders are not
-    entered (no loops); sub-folders that cannot be listed are logged and skipped.
-    ``prune(entry)`` True leaves a file or folder out.
+    interleaved), so two walks of an unchanged tree agree, and the paths come in the
+    order of their tuples of components. ``start`` and ``stop`` (such tuples) keep
+    the paths in ``[start, stop)``; sub-folders wholly outside are not listed.
+    Symlinked folders are not entered (no loops); sub-folders that cannot be listed
+    are logged and skipped. ``prune(entry)`` True leaves a file or folder out.
 
     Raises:
         OSError: ``root`` itself cannot be listed.
     """
     # An explicit stack of iterators instead of recursion: deep trees cannot
     # hit the recursion limit, and the walk stays lazy.
-    stack: list[tuple[str, Iterator[os.DirEntry[str]]]] = [("", iter(_sorted_entries(root)))]
+    stack: list[tuple[tuple[str, ...], Iterator[os.DirEntry[str]]]] = [((), iter(_sorted_entries(root)))]
     while stack:
-        prefix, entries = stack[-1]
+        parts, entries = stack[-1]
         entry = next(entries, None)
         if entry is None:
             stack.pop()
             continue
         if prune is not None and prune(entry):
             continue
-        rel = prefix + entry.name
+        path = parts + (entry.name,)
         if _is_real_dir(entry):
+            depth = len(path)
+            if path < start[:depth]:  # all it holds comes before start
+                continue
+            if stop is not None and path > stop[:depth]:  # all it holds comes at or after stop
+                return
             try:
-                stack.append((rel + "/", iter(_sorted_entries(entry.path))))
+                stack.append((path, iter(_sorted_entries(entry.path))))
             except OSError as exc:
                 logger.warning("skipping folder %r: %s", entry.path, exc)
         elif _is_image(entry):
-            yield rel
+            if path < start:
+                continue
+            if stop is not None and path >= stop:
+                return
+            yield "/".join(path)
+
+
+def _parts(position: str | None) -> tuple[str, ...]:
+    """A relative path as its tuple of components, the walk's order; None (the beginning) as ()."""
+    return () if position is None else tuple(position.split("/"))
 
 
 def _sorted_entries(path: str) -> list[os.DirEntry[str]]:

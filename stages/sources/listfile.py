@@ -35,24 +35,36 @@ class ListFileSource(Source):
         Raises:
             ConfigError: the list file cannot be read.
         """
-        base = os.path.dirname(os.path.abspath(self.location))
         seen: set[str] = set()
+        for item in self._scan_range(None, None):
+            if item.key not in seen:
+                seen.add(item.key)
+                yield item
+
+    def _scan_range(self, start: str | None, stop: str | None) -> Iterator[SourceItem]:
+        """Positions are byte offsets of the lines: a shard seeks straight to its first line."""
+        base = os.path.dirname(os.path.abspath(self.location))
+        offset, end = int(start or 0), None if stop is None else int(stop)
         try:
             with open(self.location, "rb") as lines:
-                for number, raw in enumerate(lines, 1):
+                lines.seek(offset)
+                for raw in lines:
+                    if end is not None and offset >= end:
+                        return
+                    here, offset = offset, offset + len(raw)
                     # surrogateescape keeps a non-UTF-8 path usable as a locator;
                     # key_text() then gives it a key the sinks can write.
                     line = raw.decode("utf-8", "surrogateescape")
-                    if number == 1:
+                    if here == 0:
                         line = line.removeprefix("\ufeff")  # a BOM some editors add
                     line = line.strip()
-                    if not line or line.startswith("#") or line in seen:
+                    if not line or line.startswith("#"):
                         continue
-                    seen.add(line)
                     yield SourceItem(
                         key=key_text(line),
                         source=self.location,
                         locator=os.path.join(base, line),  # no normpath: '..' after a symlink
+                        position=str(here),
                     )
         except OSError as exc:
             raise ConfigError(f"expected a readable list file, got {self.location!r}: {exc}") from exc

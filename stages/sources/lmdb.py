@@ -50,15 +50,25 @@ class LmdbSource(Source):
         Raises:
             ConfigError: the archive cannot be opened.
         """
+        return self._scan_range(None, None)
+
+    def _scan_range(self, start: str | None, stop: str | None) -> Iterator[SourceItem]:
+        """Positions are the keys (as locators): a shard's cursor starts at its first key."""
         env = self._open()
+        end = None if stop is None else stop.encode("utf-8", "surrogateescape")
         with env.begin(buffers=False) as txn:
-            for raw in txn.cursor().iternext(keys=True, values=False):
+            cursor = txn.cursor()
+            if start is not None and not cursor.set_range(start.encode("utf-8", "surrogateescape")):
+                return
+            for raw in cursor.iternext(keys=True, values=False):
+                if end is not None and raw >= end:
+                    return
                 locator = raw.decode("utf-8", "surrogateescape")
                 try:
                     key = raw.decode("utf-8")
                 except UnicodeDecodeError:
                     key = raw.decode("utf-8", "backslashreplace")
-                yield SourceItem(key=key, source=self.location, locator=locator)
+                yield SourceItem(key=key, source=self.location, locator=locator, position=locator)
 
     def read(self, item: SourceItem) -> bytes:
         """A copy of the value stored under ``item.locator``.

@@ -1,0 +1,312 @@
+"""``wanwu run --ray``: the batch job on a Ray cluster, through Ray Data, still exactly once.
+
+Dataflow (Ray Data's streaming executor; nothing is materialised)::
+
+    driver: scan keys -> shards --read tasks (CPU): read + decode a shard--> frames (object store)
+        --> classifier actors (CPU or GPU) --> records (JSON text) --> driver: the sink (the ledger)
+
+The driver owns the ledger, as the loader and sink of ``wanwu run`` do: the output
+file gives the keys already done (skipped at planning time), every record is
+written once whatever Ray retries (a key already written is dropped), and a rerun
+resumes. Each row carries its shard and the shard's row count, so the driver
+knows which shards are complete. Ray retries a read task whose worker died and a
+batch whose actor died; a shard that still fails (Ray gave up on it) is read again
+input by input in a second round, and an input whose shard fails again gets an
+error record, so one image that kills the process decoding it costs only itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from wanwu.errors import ConfigError, StageError
+from wanwu.pipeline.cluster.shards import Shard, plan_shards, shard_key, split_shard
+from wanwu.pipeline.cluster.tasks import ClassifierActor, read_shard
+from wanwu.pipeline.config import JobConfig, cpu_count
+from wanwu.pipeline.run.job import JobResult
+from wanwu.pipeline.run.progress import Progress
+from wanwu.records import Record
+from wanwu.stages.decoders.base import resolve_decoder_name
+from wanwu.stages.models.base import get_model_spec
+from wanwu.stages.sinks.base import Sink, create_sink
+from wanwu.stages.sources.base import Source, open_source
+
+logger = logging.getLogger(__name__)
+
+ROUNDS = 2  # whole shards, then what is left of a failed shard input by input; then blame
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """How the job uses the cluster; the stages' own settings stay in ``JobConfig``."""
+
+    address: str  # "local" (a Ray instance started for this job), "auto", "HOST:PORT" or "ray://HOST:PORT"
+    actors: int = 0  # classifier actors; 0: one per GPU given with actor_gpus, else one per 4 cluster CPUs
+    actor_cpus: float = 1.0  # CPUs each actor reserves
+    actor_gpus: float = 0.0  # GPUs each actor reserves (its engine then runs on "cuda:0", its first)
+    shard_size: int = 1000  # inputs per shard (per read task)
+    block_rows: int = 64  # rows per block a read task yields: 64 frames of 224 x 224 x 3 are 9.2 MiB
+
+    def __post_init__(self) -> None:
+        if not self.address:
+            raise ConfigError("expected --ray local, auto, HOST:PORT or ray://HOST:PORT, got ''")
+        for name in ("actors", "actor_cpus", "actor_gpus"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--ray-{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.shard_size <= 0 or self.block_rows <= 0:
+            raise ConfigError(f"expected a positive shard size and block rows, got {self.shard_size}, {self.block_rows}")
+
+
+def connect(address: str) -> None:
+    """Join the cluster at ``address``, or start one on this machine for ``local`` (127.0.0.1 only)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no report to the outside world
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigError("--ray needs Ray Data: pip install 'wanwu[ray]'") from exc
+    if ray.is_initialized():
+        return
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    if address == "local":
+        ray.init(num_cpus=cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
+    else:
+        ray.init(address=address, **quiet)
+
+
+class ClusterJob:
+    """One ``wanwu run --ray``. Use ``run()``; it leaves the cluster as it found it."""
+
+    def __init__(self, cfg: JobConfig, ray_cfg: RayConfig) -> None:
+        if cfg.cache:
+            raise ConfigError("--cache is not used with --ray (each node would need the same cache); drop one")
+        if cfg.duration_s:
+            raise ConfigError("--duration is for live streams, which --ray does not read")
+        self.cfg, self.ray_cfg = cfg, ray_cfg
+        self.model = get_model_spec(cfg.model, **cfg.model_options())
+        self.sources: list[Source] = []
+        for location in cfg.inputs:
+            source = open_source(location, self.model.preprocess)
+            if not isinstance(source, Source):
+                raise ConfigError(f"--ray reads folders, LMDB archives and list files of images, got {location!r} "
+                                  f"(a {source.kind} stream: use wanwu run or wanwu serve --camera)")
+            self.sources.append(source)
+        self.result = JobResult("failed")
+        self._signals = 0
+        self._written: set[str] = set()  # keys written this run; with the ledger's, each key's record is written once
+
+    def run(self) -> JobResult:
+        cfg = self.cfg
+        sink = create_sink(cfg.out)
+        done = sink.open(ledger=True)  # repairs a torn tail left by a crash
+        self.result.skipped, self.result.prior_errors = len(done), sink.prior_errors
+        handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        started = time.perf_counter()
+        progress = Progress(cfg.progress, cfg.log_interval_s, self.result.skipped)
+        try:
+            connect(self.ray_cfg.address)
+            shards = list(plan_shards(cfg.inputs, self.sources, done, self.ray_cfg.shard_size))
+            self.result.total = sum(s.planned for s in shards)
+            self._rounds(shards, done, sink, progress)
+            if self.result.status != "interrupted":
+                self.result.status = "finished"
+        except StageError as exc:
+            self.result.failure = str(exc)
+        finally:
+            self.result.elapsed_s = time.perf_counter() - started
+            progress.finish(self.result.ok, self.result.errors, self.result.total)
+            progress.close()
+            sink.shutdown()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            self._disconnect()
+        return self.result
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._signals += 1
+
+    def _disconnect(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+    # ---- rounds
+
+    def _rounds(self, shards: list[Shard], done: set[str], sink: Sink, progress: Progress) -> None:
+        """Whole shards; a shard Ray gave up on again input by input; what fails then, blamed."""
+        next_index = max((s.index for s in shards), default=-1) + 1
+        for round_number in range(1, ROUNDS + 1):
+            if not shards or self._signals:
+                break
+            complete = self._round(shards, done, sink, progress)
+            failed = [s for s in shards if s.index not in complete]
+            if not failed or self._signals:
+                break
+            logger.warning("round %d: %d of %d shards did not complete (Ray gave up on them)", round_number,
+                           len(failed), len(shards))
+            if round_number == ROUNDS:
+                self._blame(failed, done, sink)
+                break
+            shards = []
+            for shard in failed:
+                source, location = self.sources[shard.input_index], self.cfg.inputs[shard.input_index]
+                shards += split_shard(shard, source, location, len(self.sources) > 1, done | self._written,
+                                      next_index + len(shards))
+            next_index += len(shards)
+        if self._signals:
+            self.result.status = "interrupted"
+
+    def _round(self, shards: Sequence[Shard], done: set[str], sink: Sink, progress: Progress) -> set[int]:
+        """Run ``shards`` through Ray Data, write their records; return the shards that completed."""
+        import ray.data
+
+        cfg, rc = self.cfg, self.ray_cfg
+        # Ray Data logs its plans and timings at INFO and warns that its progress bars are off;
+        # a shard it gives up on is still logged, at ERROR. (Set here: importing ray.data resets it.)
+        logging.getLogger("ray.data").setLevel(logging.ERROR if logger.getEffectiveLevel() > logging.INFO
+                                               else logging.INFO)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the driver draws its own
+        context.max_errored_blocks = -1  # a shard Ray gave up on is read again input by input, not the job's end
+        datasource = _ShardDatasource(shards, cfg, self.sources, self.model.name, rc.block_rows)
+        actors, device = self._actors()
+        dataset = ray.data.read_datasource(
+            datasource, override_num_blocks=len(shards), num_cpus=1,  # Ray retries a task whose worker died
+        ).map_batches(
+            ClassifierActor, fn_constructor_kwargs={"cfg": cfg, "device": device}, batch_size=cfg.batch_size,
+            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=rc.actor_cpus,
+            num_gpus=rc.actor_gpus or None, max_restarts=-1, max_task_retries=3,
+        )
+        counts: dict[int, list] = {}  # shard -> [its row count, keys seen]
+        complete: set[int] = set()
+        try:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+                self._take(batch, done, sink, counts, complete)
+                progress.update(self.result.ok, self.result.errors, self.result.total)
+                if self._signals:
+                    logger.warning("stopping: what was written stays; run the same command again to resume")
+                    break
+        except Exception as exc:  # Ray Data's own failure (an actor that cannot start, a lost cluster)
+            if self._signals:
+                return complete
+            raise StageError(f"the Ray Data pipeline failed: {type(exc).__name__}: {exc}") from exc
+        return complete
+
+    def _take(self, batch: dict[str, Any], done: set[str], sink: Sink, counts: dict[int, list],
+              complete: set[int]) -> None:
+        """Write the batch's new records (each key once) and note which shards it completes."""
+        import json
+
+        new = []
+        for shard, total, key, text in zip(batch["shard"].tolist(), batch["total"].tolist(), batch["key"],
+                                           batch["record"]):
+            entry = counts.setdefault(shard, [total, set()])
+            entry[1].add(key)
+            if len(entry[1]) == entry[0]:
+                complete.add(shard)
+                del counts[shard]
+            if key in done or key in self._written:
+                continue  # a retried task's row, or a path listed twice
+            self._written.add(key)
+            new.append(json.loads(text))
+        if new:
+            sink.write(new)
+            errors = sum(1 for r in new if r["error"] is not None)
+            self.result.errors += errors
+            self.result.ok += len(new) - errors
+
+    def _blame(self, failed: Sequence[Shard], done: set[str], sink: Sink) -> None:
+        """Error records for the inputs of shards that failed read alone too: each killed its process."""
+        several, records = len(self.sources) > 1, []
+        why = StageError("the process reading and decoding this input died every time Ray ran it "
+                         f"(Ray's retries of its task, in {ROUNDS} rounds)")
+        for shard in failed:
+            source, location = self.sources[shard.input_index], self.cfg.inputs[shard.input_index]
+            for item in source.scan_range(shard.start, shard.stop):
+                key = shard_key(location, item, several)
+                if key not in done and key not in self._written:
+                    self._written.add(key)
+                    records.append(Record.failure(key, item.source, self.model.name, why, time.time()))
+        if records:
+            sink.write(records)
+            self.result.errors += len(records)
+
+    def _actors(self) -> tuple[int, str]:
+        """How many classifier actors, and the device their engines run on."""
+        import ray
+
+        rc = self.ray_cfg
+        device = "cuda:0" if rc.actor_gpus > 0 else self.cfg.device
+        if rc.actors:
+            return rc.actors, device
+        resources = ray.cluster_resources()
+        if rc.actor_gpus > 0:
+            return max(1, int(resources.get("GPU", 0) // rc.actor_gpus)), device
+        return max(1, int(resources.get("CPU", 1)) // 4), device
+
+
+class _ShardDatasource:
+    """A Ray Data datasource of shards: one read task per shard (see ``tasks.read_shard``)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # Built on Ray's base class on first use, so importing this module needs no Ray.
+        return _datasource_class()(*args, **kwargs)
+
+
+@functools.cache
+def _datasource_class() -> type:
+    import numpy as np
+    from ray.data.block import BlockAccessor, BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    def read(shard: Shard, location: str, source: Source, several: bool, decoder: str, decode: Any,
+             model_name: str, block_rows: int) -> Any:
+        for rows in read_shard(shard, location, source, several, decoder, decode, model_name, block_rows):
+            yield BlockAccessor.batch_to_block(rows)
+
+    class ShardDatasource(Datasource):
+        def __init__(self, shards: Sequence[Shard], cfg: JobConfig, sources: Sequence[Source], model_name: str,
+                     block_rows: int) -> None:
+            super().__init__()
+            self.shards, self.cfg, self.sources = list(shards), cfg, list(sources)
+            self.model_name, self.block_rows = model_name, block_rows
+
+        def estimate_inmemory_data_size(self) -> int:
+            return sum(s.planned for s in self.shards) * self._frame_bytes()
+
+        def _frame_bytes(self) -> int:
+            from wanwu.stages.models.base import get_model_spec
+
+            crop = get_model_spec(self.cfg.model, **self.cfg.model_options()).preprocess.crop
+            return int(np.prod((crop, crop, 3)))
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context: Any = None) -> list:
+            cfg, several, frame = self.cfg, len(self.sources) > 1, self._frame_bytes()
+            preprocess = get_model_spec(cfg.model, **cfg.model_options()).preprocess
+            decode = dataclasses.replace(cfg.decode_config(preprocess), device="cpu")
+            decoder = resolve_decoder_name(cfg.decoder, "cpu")  # read tasks run on CPUs
+            tasks = []
+            for shard in self.shards:
+                fn = functools.partial(read, shard, cfg.inputs[shard.input_index], self.sources[shard.input_index],
+                                       several, decoder, decode, self.model_name, self.block_rows)
+                meta = BlockMetadata(num_rows=shard.planned, size_bytes=shard.planned * frame, input_files=None,
+                                     exec_stats=None)
+                tasks.append(ReadTask(fn, meta, per_task_row_limit=per_task_row_limit))
+            return tasks
+
+    return ShardDatasource
+
+
+def run_cluster_job(cfg: JobConfig, ray_cfg: RayConfig) -> JobResult:
+    """Run the batch job described by ``cfg`` on the Ray cluster ``ray_cfg`` names, to the end."""
+    if not cfg.inputs:
+        raise ConfigError("expected at least one input, got none")
+    return ClusterJob(cfg, ray_cfg).run()
