@@ -67,6 +67,30 @@ def bomb_png() -> bytes:
     return buf.getvalue()
 
 
+def write_slow_png(path: Path, side: int = 7000) -> None:
+    """A valid PNG of ``side`` x ``side`` varied pixels: 49 megapixels by default, seconds to decode,
+    and 147 MB of pixels that the decoding process's memory shows while it holds them."""
+    ramp = np.arange(side)
+    pixels = np.empty((side, side, 3), np.uint8)
+    pixels[..., 0] = (ramp % 256).astype(np.uint8)[None, :]
+    pixels[..., 1] = (ramp % 256).astype(np.uint8)[:, None]
+    pixels[..., 2] = (ramp // 7 % 256).astype(np.uint8)[None, :] + (ramp // 5 % 256).astype(np.uint8)[:, None]
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG", compress_level=1)
+    path.write_bytes(buf.getvalue())
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` in MB (0 when it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def write_hostile(folder: Path, photos: dict[str, np.ndarray]) -> dict[str, str]:
     """Bad inputs, each named by key, with the error type each must produce."""
     folder.mkdir(parents=True, exist_ok=True)

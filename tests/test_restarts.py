@@ -3,7 +3,6 @@ they held is sent again, so a job finishes with exactly one record per input."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -12,44 +11,24 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import count_lines, make_corpus, wanwu_cmd
+from conftest import count_lines, make_corpus, rss_mb, wanwu_cmd, write_slow_png
 from wanwu.bench.attacks import worker_pids
 from wanwu.stages.sinks.base import read_records
 
 pytestmark = pytest.mark.slow
 
 BIG = "000 big.png"  # sorts first: the first batch the decoder takes holds it
-BIG_SIDE = 7000  # 49 megapixels: seconds to decode, and 147 MB of pixels the decoder's memory shows
-HOLDING_BIG_MB = 150  # a decoder is about 40 MB; only the big image takes it past this
+HOLDING_BIG_MB = 150  # a decoder is about 40 MB; only the big image (write_slow_png) takes it past this
 
 
 @pytest.fixture(scope="module")
 def folder_with_a_slow_image(tmp_path_factory, photos) -> tuple[Path, list[str]]:
     folder = tmp_path_factory.mktemp("slow")
     keys = make_corpus(folder, photos, 40)
-    ramp = np.arange(BIG_SIDE)
-    pixels = np.empty((BIG_SIDE, BIG_SIDE, 3), np.uint8)
-    pixels[..., 0] = (ramp % 256).astype(np.uint8)[None, :]
-    pixels[..., 1] = (ramp % 256).astype(np.uint8)[:, None]
-    pixels[..., 2] = (ramp // 7 % 256).astype(np.uint8)[None, :] + (ramp // 5 % 256).astype(np.uint8)[:, None]
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "PNG", compress_level=1)
-    (folder / BIG).write_bytes(buf.getvalue())
+    write_slow_png(folder / BIG)
     return folder, keys + [BIG]
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def kill_decoder_while_it_decodes_the_big_image(owner: int, deadline: float) -> int:

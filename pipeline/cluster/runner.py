@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -41,6 +42,7 @@ from wanwu.stages.sources.base import Source, open_source
 logger = logging.getLogger(__name__)
 
 ROUNDS = 2  # whole shards, then what is left of a failed shard input by input; then blame
+READ_RETRIES = 3  # Ray's retries of a read task (or an actor's batch) whose process died
 
 
 @dataclass(frozen=True)
@@ -177,13 +179,19 @@ class ClusterJob:
         context.max_errored_blocks = -1  # a shard Ray gave up on is read again input by input, not the job's end
         datasource = _ShardDatasource(shards, cfg, self.sources, self.model.name, rc.block_rows)
         actors, device = self._actors()
-        dataset = ray.data.read_datasource(
-            datasource, override_num_blocks=len(shards), num_cpus=1,  # Ray retries a task whose worker died
-        ).map_batches(
-            ClassifierActor, fn_constructor_kwargs={"cfg": cfg, "device": device}, batch_size=cfg.batch_size,
-            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=rc.actor_cpus,
-            num_gpus=rc.actor_gpus or None, max_restarts=-1, max_task_retries=3,
-        )
+        with warnings.catch_warnings():
+            # Ray 2.60 names no parameter for retries yet and warns that ray_remote_args will go (in 2.64).
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+            dataset = ray.data.read_datasource(
+                datasource, override_num_blocks=len(shards), num_cpus=1,
+                # Ray Data retries a task whose worker died forever; an image that kills its decoder
+                # would then stall the job. Three retries, then the next round reads it alone.
+                ray_remote_args={"max_retries": READ_RETRIES},
+            ).map_batches(
+                ClassifierActor, fn_constructor_kwargs={"cfg": cfg, "device": device}, batch_size=cfg.batch_size,
+                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=rc.actor_cpus,
+                num_gpus=rc.actor_gpus or None, max_restarts=-1, max_task_retries=READ_RETRIES,
+            )
         counts: dict[int, list] = {}  # shard -> [its row count, keys seen]
         complete: set[int] = set()
         try:
@@ -226,7 +234,7 @@ class ClusterJob:
         """Error records for the inputs of shards that failed read alone too: each killed its process."""
         several, records = len(self.sources) > 1, []
         why = StageError("the process reading and decoding this input died every time Ray ran it "
-                         f"(Ray's retries of its task, in {ROUNDS} rounds)")
+                         f"({READ_RETRIES + 1} attempts in each of {ROUNDS} rounds)")
         for shard in failed:
             source, location = self.sources[shard.input_index], self.cfg.inputs[shard.input_index]
             for item in source.scan_range(shard.start, shard.stop):
