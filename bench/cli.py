@@ -33,6 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--video", action="store_true",
                    help="run the video part instead: a 1080p30 H.264 file at --fps 1, --fps 5, every frame and "
                         "--keyframes beside an OpenCV VideoCapture loop, and how many live 1080p30 streams keep up")
+    p.add_argument("--ray", action="store_true",
+                   help="run the cluster part instead: wanwu run, wanwu run --ray local and Ray Data's documented "
+                        "read_images + map_batches pattern on --images JPEGs, and the driver's sink alone")
     p.add_argument("--workdir", default="", help="where the corpus and archives live (reused between runs)")
     p.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md, bench.png")
     p.set_defaults(func=run)
@@ -43,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.video:
         return _video(args)
+    if args.ray:
+        return _cluster(args)
 
     from wanwu.bench.report import text_table, write_reports
     from wanwu.bench.suite import BenchConfig, run_suite
@@ -84,5 +89,25 @@ def _video(args: argparse.Namespace) -> int:
     (Path(args.out) / "video.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     table = video_table(result)
     (Path(args.out) / "video.md").write_text(f"{machine_line(result['machine'])}\n\n{table}\n", encoding="utf-8")
+    print(table)
+    return 0
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    import json
+    import os
+    from pathlib import Path
+
+    from wanwu.bench.cluster import cluster_table, run_cluster_bench
+    from wanwu.bench.report import machine_line
+    from wanwu.bench.suite import machine_description
+
+    images, repeats = (32, 1) if args.quick else (args.images, args.repeats)
+    result = {"machine": machine_description(),
+              **run_cluster_bench(Path(args.workdir or "bench-cluster"), images, repeats)}
+    os.makedirs(args.out, exist_ok=True)
+    (Path(args.out) / "cluster.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    table = cluster_table(result)
+    (Path(args.out) / "cluster.md").write_text(f"{machine_line(result['machine'])}\n\n{table}\n", encoding="utf-8")
     print(table)
     return 0

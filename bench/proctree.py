@@ -1,4 +1,10 @@
-"""Peak resident memory of a whole process tree, sampled from /proc."""
+"""Peak resident memory of a whole process tree, sampled from /proc.
+
+RSS counts a page shared by several processes (shared memory, Ray's object store)
+once in each; PSS (proportional set size) splits it between them, so a tree's PSS
+is what it really holds. The suite reports RSS; the cluster rows, whose processes
+share Ray's object store, report PSS.
+"""
 
 from __future__ import annotations
 
@@ -21,13 +27,25 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def tree_rss_bytes(root: int) -> int:
-    """Resident bytes of ``root`` and all its descendants now."""
+def _rss(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
+
+
+def _pss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def tree_rss_bytes(root: int, pss: bool = False) -> int:
+    """Resident bytes of ``root`` and all its descendants now (their PSS with ``pss``)."""
     tree, total, todo = _children(), 0, [root]
+    measure = _pss if pss else _rss
     while todo:
         pid = todo.pop()
         try:
-            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
+            total += measure(pid)
         except (OSError, IndexError, ValueError):
             pass
         todo.extend(tree.get(pid, []))
@@ -35,10 +53,10 @@ def tree_rss_bytes(root: int) -> int:
 
 
 class PeakRss:
-    """Samples the tree under ``root`` every ``interval_s`` until stopped; ``peak`` in bytes."""
+    """Samples the tree under ``root`` every ``interval_s`` until stopped; ``peak`` in bytes (PSS with ``pss``)."""
 
-    def __init__(self, root: int, interval_s: float = 0.05) -> None:
-        self.root, self.interval_s, self.peak = root, interval_s, 0
+    def __init__(self, root: int, interval_s: float = 0.05, pss: bool = False) -> None:
+        self.root, self.interval_s, self.peak, self.pss = root, interval_s, 0, pss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -52,5 +70,5 @@ class PeakRss:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss_bytes(self.root))
+            self.peak = max(self.peak, tree_rss_bytes(self.root, self.pss))
             self._stop.wait(self.interval_s)

@@ -109,7 +109,7 @@ class ClusterJob:
         done = sink.open(ledger=True)  # repairs a torn tail left by a crash
         self.result.skipped, self.result.prior_errors = len(done), sink.prior_errors
         handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        started = time.perf_counter()
+        started = self._started = time.perf_counter()
         progress = Progress(cfg.progress, cfg.log_interval_s, self.result.skipped)
         try:
             connect(self.ray_cfg.address)
@@ -226,6 +226,8 @@ class ClusterJob:
             new.append(json.loads(text))
         if new:
             sink.write(new)
+            if self.result.first_record_s is None:
+                self.result.first_record_s = time.perf_counter() - self._started
             errors = sum(1 for r in new if r["error"] is not None)
             self.result.errors += errors
             self.result.ok += len(new) - errors
