@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,23 +35,58 @@ from wanwu.bench.proctree import PeakRss
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # loopback only
 
 
-def _timed(cmd: list[str], out: Path) -> dict:
-    """Run ``cmd`` to the end; its wall time, the peak PSS of its tree, and the records in ``out``."""
+class _Growth:
+    """Samples how many records ``out`` holds every ``interval_s``, in a thread: (seconds, lines)."""
+
+    def __init__(self, out: Path, t0: float, interval_s: float = 0.1) -> None:
+        self.out, self.t0, self.interval_s, self.samples = out, t0, interval_s, [(0.0, 0)]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "_Growth":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                lines = self.out.read_bytes().count(b"\n")
+            except OSError:
+                continue
+            self.samples.append((time.perf_counter() - self.t0, lines))
+
+    def first_s(self) -> float | None:
+        """When the first record appeared."""
+        return next((t for t, n in self.samples if n), None)
+
+    def steady_rate(self, total: int) -> float | None:
+        """Records/s between the first sample past 10% of ``total`` and the first past 90%: the rate
+        once started, without start-up or the tail."""
+        low = next(((t, n) for t, n in self.samples if n >= total * 0.1), None)
+        high = next(((t, n) for t, n in self.samples if n >= total * 0.9), None)
+        if low is None or high is None or high[0] <= low[0]:
+            return None
+        return (high[1] - low[1]) / (high[0] - low[0])
+
+
+def _timed(cmd: list[str], out: Path, total: int) -> dict:
+    """Run ``cmd`` to the end; its wall time, the peak PSS of its tree, and how ``out`` grew."""
     out.unlink(missing_ok=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **RAY_ENV})
-    with PeakRss(proc.pid, interval_s=0.1, pss=True) as peak:
+    with PeakRss(proc.pid, interval_s=0.1, pss=True) as peak, _Growth(out, t0) as growth:
         stdout, stderr = proc.communicate()
     wall = time.perf_counter() - t0
     if proc.returncode not in (0, 3):
         raise RuntimeError(f"{' '.join(cmd[:8])} ... failed ({proc.returncode}):\n{stderr[-3000:]}")
     lines = out.read_text(encoding="utf-8").count("\n")
-    return {"wall_s": wall, "peak_pss_mb": peak.peak / 2**20, "records": lines, "stdout": stdout}
-
-
-def _first_record_s(stats: Path) -> float | None:
-    return json.loads(stats.read_text()).get("first_record_s") if stats.exists() else None
+    return {"wall_s": wall, "peak_pss_mb": peak.peak / 2**20, "records": lines, "first_record_s": growth.first_s(),
+            "steady": growth.steady_rate(total)}
 
 
 def run_cluster_bench(workdir: Path, images: int, repeats: int) -> dict:
@@ -66,32 +102,30 @@ def run_cluster_bench(workdir: Path, images: int, repeats: int) -> dict:
     settings = baseline_settings("dataloader", cpuinfo_text(), cpu_count())
     wanwu = [sys.executable, "-m", "wanwu", "run", str(folder), "--progress", "none"]
     rows = {
-        "wanwu run": (wanwu + ["--out", str(workdir / "run.jsonl"), "--stats-json", str(workdir / "run.json")],
-                      workdir / "run.jsonl", workdir / "run.json"),
-        "wanwu run --ray local": (wanwu + ["--ray", "local", "--out", str(workdir / "ray.jsonl"),
-                                           "--stats-json", str(workdir / "ray.json")],
-                                  workdir / "ray.jsonl", workdir / "ray.json"),
+        "wanwu run": (wanwu + ["--out", str(workdir / "run.jsonl")], workdir / "run.jsonl"),
+        "wanwu run --ray local": (wanwu + ["--ray", "local", "--out", str(workdir / "ray.jsonl")],
+                                  workdir / "ray.jsonl"),
         "Ray Data documented": ([sys.executable, "-m", "wanwu.bench.cluster", str(folder), str(workdir / "doc.jsonl"),
                                  json.dumps({"precision": settings.precision, "threads": settings.threads,
                                              "channels_last": settings.channels_last,
                                              "batch_size": settings.batch_size})],
-                                workdir / "doc.jsonl", workdir / "doc.json"),
+                                workdir / "doc.jsonl"),
     }
     runs: dict[str, list[dict]] = {name: [] for name in rows}
     for round_number in range(repeats + 1):
-        for name, (cmd, out, stats) in rows.items():
-            stats.unlink(missing_ok=True)
-            result = _timed(cmd, out)
+        for name, (cmd, out) in rows.items():
+            result = _timed(cmd, out, images)
             if result["records"] != images:
                 raise RuntimeError(f"{name}: expected {images} records, got {result['records']}")
-            result["first_record_s"] = _first_record_s(stats)
             if round_number:  # round 0 warms caches (compiled models, the page cache)
                 runs[name].append(result)
     table = []
     for name, results in runs.items():
         rates = [images / r["wall_s"] for r in results]
+        steady = [r["steady"] for r in results if r["steady"] is not None]
         firsts = [r["first_record_s"] for r in results if r["first_record_s"] is not None]
         table.append({"name": name, "images_per_s": statistics.median(rates), "runs": rates,
+                      "steady_images_per_s": statistics.median(steady) if steady else None,
                       "first_record_s": statistics.median(firsts) if firsts else None,
                       "peak_pss_mb": max(r["peak_pss_mb"] for r in results)})
     table[2]["settings"] = (f"torch {settings.precision}, {settings.threads} threads, batch {settings.batch_size}, "
@@ -122,13 +156,15 @@ def sink_rates(n: int = 50_000, batch: int = 64) -> dict[str, float]:
 
 def cluster_table(result: dict) -> str:
     """The rows as a markdown table, and the sinks' rates under it."""
-    lines = ["| Row | images/s (whole command) | runs | first record (s) | peak PSS (MB) | settings |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| Row | images/s, whole command | runs | images/s once started (10% to 90%) | first record (s) "
+             "| peak PSS (MB) | settings |",
+             "|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         first = f"{row['first_record_s']:.1f}" if row["first_record_s"] is not None else "-"
+        steady = f"{row['steady_images_per_s']:.1f}" if row["steady_images_per_s"] is not None else "-"
         runs = ", ".join(f"{r:.1f}" for r in row["runs"])
-        lines.append(f"| {row['name']} | {row['images_per_s']:.1f} | {runs} | {first} | {row['peak_pss_mb']:.0f} | "
-                     f"{row.get('settings', 'defaults')} |")
+        lines.append(f"| {row['name']} | {row['images_per_s']:.1f} | {runs} | {steady} | {first} | "
+                     f"{row['peak_pss_mb']:.0f} | {row.get('settings', 'defaults')} |")
     sinks = result["sinks"]
     lines.append("")
     lines.append(f"Driver's sink alone: JSONL {sinks['jsonl']:,.0f} records/s, SQLite {sinks['sqlite']:,.0f} records/s "
@@ -148,7 +184,6 @@ def _documented(folder: str, out: str, options: dict) -> None:
     from wanwu.pipeline.config import cpu_count
     from wanwu.stages.models.base import get_model_spec
 
-    t0 = time.perf_counter()
     ray.init(num_cpus=cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     spec = get_model_spec("efficientnet_lite0")
@@ -177,14 +212,11 @@ def _documented(folder: str, out: str, options: dict) -> None:
     ds = ds.map_batches(preprocess, batch_format="numpy")
     ds = ds.map_batches(Classifier, compute=ray.data.ActorPoolStrategy(size=1), batch_size=options["batch_size"],
                         num_cpus=1)
-    first = None
     with open(out, "w", encoding="utf-8") as f:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for path, scores, ids in zip(batch["path"], batch["scores"], batch["ids"]):
                 f.write(json.dumps({"key": str(path), "class_ids": ids.tolist(), "scores": scores.tolist()}) + "\n")
-            if first is None:
-                first = time.perf_counter() - t0
-    Path(out).with_suffix(".json").write_text(json.dumps({"first_record_s": first}))
+            f.flush()  # as a sink would: what is written survives the driver
     ray.shutdown()
 
 

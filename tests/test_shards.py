@@ -118,3 +118,10 @@ def test_a_shard_size_below_one_is_refused(source):
 
     with pytest.raises(ConfigError, match="shard size"):
         list(plan_shards(["in"], [source], set(), 0))
+
+
+def test_the_first_shards_are_smaller_then_the_size_asked_for(tmp_path):
+    (tmp_path / "l.txt").write_text("".join(f"{i:03d}.jpg\n" for i in range(40)), encoding="utf-8")
+    source = open_source("@" + str(tmp_path / "l.txt"))
+    shards = list(plan_shards(["in"], [source], set(), 10, ramp=(3, 2)))
+    assert [s.planned for s in shards] == [2, 2, 2, 10, 10, 10, 4]

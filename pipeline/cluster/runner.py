@@ -42,6 +42,7 @@ from wanwu.stages.sources.base import Source, open_source
 logger = logging.getLogger(__name__)
 
 ROUNDS = 2  # whole shards, then what is left of a failed shard input by input; then blame
+RAMP_SHARD_SIZE = 64  # inputs in each of the first shards
 READ_RETRIES = 3  # Ray's retries of a read task (or an actor's batch) whose process died
 
 
@@ -113,7 +114,7 @@ class ClusterJob:
         progress = Progress(cfg.progress, cfg.log_interval_s, self.result.skipped)
         try:
             connect(self.ray_cfg.address)
-            shards = list(plan_shards(cfg.inputs, self.sources, done, self.ray_cfg.shard_size))
+            shards = list(plan_shards(cfg.inputs, self.sources, done, self.ray_cfg.shard_size, ramp=self._ramp()))
             self.result.total = sum(s.planned for s in shards)
             self._rounds(shards, done, sink, progress)
             if self.result.status != "interrupted":
@@ -247,6 +248,12 @@ class ClusterJob:
         if records:
             sink.write(records)
             self.result.errors += len(records)
+
+    def _ramp(self) -> tuple[int, int]:
+        """Four small shards per cluster CPU first (see ``plan_shards``)."""
+        import ray
+
+        return 4 * max(1, int(ray.cluster_resources().get("CPU", 1))), RAMP_SHARD_SIZE
 
     def _actors(self) -> tuple[int, str]:
         """How many classifier actors, and the device their engines run on."""

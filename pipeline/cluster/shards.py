@@ -40,11 +40,14 @@ def shard_key(location: str, item: SourceItem, several_inputs: bool) -> str:
 
 
 def plan_shards(locations: Sequence[str], sources: Sequence[Source], done: set[str] | frozenset[str],
-                size: int, first_index: int = 0) -> Iterator[Shard]:
+                size: int, first_index: int = 0, ramp: tuple[int, int] = (0, 0)) -> Iterator[Shard]:
     """Cut the inputs into shards of about ``size`` inputs that are not in ``done``.
 
     A shard starts at an input still to do (a finished prefix costs nothing) and ends
-    where the next one starts; ranges with nothing to do are left out.
+    where the next one starts; ranges with nothing to do are left out. ``ramp``
+    (count, smaller size): the first ``count`` shards hold at most the smaller size,
+    so a job's first records come soon and a small job still spreads over every CPU
+    (Ray Data hands a shard's frames on when its read task ends).
 
     Raises:
         ConfigError: ``size`` is not positive, or an input cannot be scanned.
@@ -53,6 +56,10 @@ def plan_shards(locations: Sequence[str], sources: Sequence[Source], done: set[s
         raise ConfigError(f"expected a shard size >= 1, got {size}")
     several = len(sources) > 1
     index = first_index
+    ramp_count, ramp_size = ramp
+
+    def limit() -> int:
+        return min(size, ramp_size) if ramp_size > 0 and index - first_index < ramp_count else size
     for input_index, (location, source) in enumerate(zip(locations, sources)):
         start: str | None = None  # position of the current shard's first input to do
         skip: set[str] = set()  # done keys after that
@@ -64,7 +71,7 @@ def plan_shards(locations: Sequence[str], sources: Sequence[Source], done: set[s
                 if start is not None:
                     skip.add(key)
                 continue
-            if pending == size:
+            if pending == limit():
                 yield Shard(index, input_index, start, position, frozenset(skip), pending)  # type: ignore[arg-type]
                 index, start, skip, pending = index + 1, None, set(), 0
             if start is None:
