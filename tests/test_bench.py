@@ -142,3 +142,26 @@ def test_the_video_tables_name_both_sides_and_the_ratio():
     lines = video_table(result).splitlines()
     assert lines[2] == "| --fps 1 | 30 (OpenCV 30) | 4.0 | 225 | 10.0 | 90 | 2.50x |"
     assert lines[-1] == "| 16 | 30.0 fps | 35% | no | 18.8 fps | no |"
+
+
+def test_the_cluster_rows_rate_once_started_leaves_out_start_up_and_the_tail(tmp_path) -> None:
+    from wanwu.bench.cluster import _Growth, cluster_table
+
+    growth = _Growth(tmp_path / "r.jsonl", 0.0)
+    # 10 s of start-up, then 100 records a second, then a slow tail.
+    growth.samples = [(0.0, 0), (10.0, 0), (10.5, 50), (11.0, 100), (19.0, 900), (19.5, 950), (30.0, 1000)]
+    assert growth.first_s() == 10.5
+    assert growth.steady_rate(1000) == pytest.approx(100.0)
+    assert growth.steady_rate(5000) is None  # never reached 90%
+    rows = [{"name": "wanwu run --ray local", "images_per_s": 33.3, "runs": [33.3], "steady_images_per_s": 100.0,
+             "first_record_s": 10.5, "peak_pss_mb": 1500.0}]
+    table = cluster_table({"rows": rows, "sinks": {"jsonl": 60000.0, "sqlite": 30000.0}})
+    assert "| wanwu run --ray local | 33.3 | 33.3 | 100.0 | 10.5 | 1500 | defaults |" in table
+    assert "JSONL 60,000 records/s, SQLite 30,000 records/s" in table
+
+
+def test_the_driver_sinks_rates_are_measured_on_real_files() -> None:
+    from wanwu.bench.cluster import sink_rates
+
+    rates = sink_rates(n=2000)
+    assert set(rates) == {"jsonl", "sqlite"} and all(r > 0 for r in rates.values())

@@ -70,6 +70,10 @@ class RayConfig:
 def connect(address: str) -> None:
     """Join the cluster at ``address``, or start one on this machine for ``local`` (127.0.0.1 only)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no report to the outside world
+    if address == "local":
+        # One machine: Ray then advertises the loopback address, not the host's network one
+        # (read when Ray is imported, and by the processes it starts).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError as exc:
@@ -109,6 +113,11 @@ class ClusterJob:
         sink = create_sink(cfg.out)
         done = sink.open(ledger=True)  # repairs a torn tail left by a crash
         self.result.skipped, self.result.prior_errors = len(done), sink.prior_errors
+        sink.shutdown()
+        # The driver keeps the keys itself (done and written): a sink without a ledger holds none,
+        # so each key is in the driver's memory once.
+        sink = create_sink(cfg.out)
+        sink.open(ledger=False)
         handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         started = self._started = time.perf_counter()
         progress = Progress(cfg.progress, cfg.log_interval_s, self.result.skipped)
