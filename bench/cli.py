@@ -76,38 +76,37 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _video(args: argparse.Namespace) -> int:
-    import json
-    import os
     from pathlib import Path
 
-    from wanwu.bench.report import machine_line
     from wanwu.bench.suite import machine_description
     from wanwu.bench.video import run_video, video_table
 
     result = {"machine": machine_description(), **run_video(Path(args.workdir or "bench-video"))}
-    os.makedirs(args.out, exist_ok=True)
-    (Path(args.out) / "video.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
-    table = video_table(result)
-    (Path(args.out) / "video.md").write_text(f"{machine_line(result['machine'])}\n\n{table}\n", encoding="utf-8")
-    print(table)
-    return 0
+    return _write_part(args.out, "video", result, video_table(result))
 
 
 def _cluster(args: argparse.Namespace) -> int:
-    import json
-    import os
     from pathlib import Path
 
     from wanwu.bench.cluster import cluster_table, run_cluster_bench
-    from wanwu.bench.report import machine_line
     from wanwu.bench.suite import machine_description
 
     images, repeats = (32, 1) if args.quick else (args.images, args.repeats)
     result = {"machine": machine_description(),
               **run_cluster_bench(Path(args.workdir or "bench-cluster"), images, repeats)}
-    os.makedirs(args.out, exist_ok=True)
-    (Path(args.out) / "cluster.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
-    table = cluster_table(result)
-    (Path(args.out) / "cluster.md").write_text(f"{machine_line(result['machine'])}\n\n{table}\n", encoding="utf-8")
+    return _write_part(args.out, "cluster", result, cluster_table(result))
+
+
+def _write_part(out: str, name: str, result: dict, table: str) -> int:
+    """``NAME.json`` and ``NAME.md`` (the machine line, then ``table``) into ``out``; the table on stdout."""
+    import json
+    import os
+    from pathlib import Path
+
+    from wanwu.bench.report import machine_line
+
+    os.makedirs(out, exist_ok=True)
+    (Path(out) / f"{name}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    (Path(out) / f"{name}.md").write_text(f"{machine_line(result['machine'])}\n\n{table}\n", encoding="utf-8")
     print(table)
     return 0

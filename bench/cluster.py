@@ -26,38 +26,27 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from wanwu.bench.proctree import PeakRss
+from wanwu.bench.proctree import PeakRss, Sampler
 
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # loopback only
 
 
-class _Growth:
+class _Growth(Sampler):
     """Samples how many records ``out`` holds every ``interval_s``, in a thread: (seconds, lines)."""
 
     def __init__(self, out: Path, t0: float, interval_s: float = 0.1) -> None:
-        self.out, self.t0, self.interval_s, self.samples = out, t0, interval_s, [(0.0, 0)]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(interval_s)
+        self.out, self.t0, self.samples = out, t0, [(0.0, 0)]
 
-    def __enter__(self) -> "_Growth":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                lines = self.out.read_bytes().count(b"\n")
-            except OSError:
-                continue
-            self.samples.append((time.perf_counter() - self.t0, lines))
+    def sample(self) -> None:
+        try:
+            lines = self.out.read_bytes().count(b"\n")
+        except OSError:
+            return
+        self.samples.append((time.perf_counter() - self.t0, lines))
 
     def first_s(self) -> float | None:
         """When the first record appeared."""

@@ -52,15 +52,15 @@ def tree_rss_bytes(root: int, pss: bool = False) -> int:
     return total
 
 
-class PeakRss:
-    """Samples the tree under ``root`` every ``interval_s`` until stopped; ``peak`` in bytes (PSS with ``pss``)."""
+class Sampler:
+    """Calls ``sample()`` every ``interval_s`` in a thread, from ``with`` until its end."""
 
-    def __init__(self, root: int, interval_s: float = 0.05, pss: bool = False) -> None:
-        self.root, self.interval_s, self.peak, self.pss = root, interval_s, 0, pss
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> "Sampler":
         self._thread.start()
         return self
 
@@ -68,7 +68,21 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
 
+    def sample(self) -> None:
+        """Hook: take one sample."""
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss_bytes(self.root, self.pss))
+            self.sample()
             self._stop.wait(self.interval_s)
+
+
+class PeakRss(Sampler):
+    """Samples the tree under ``root`` every ``interval_s`` until stopped; ``peak`` in bytes (PSS with ``pss``)."""
+
+    def __init__(self, root: int, interval_s: float = 0.05, pss: bool = False) -> None:
+        super().__init__(interval_s)
+        self.root, self.peak, self.pss = root, 0, pss
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, tree_rss_bytes(self.root, self.pss))
