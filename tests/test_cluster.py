@@ -199,3 +199,12 @@ def test_what_the_cluster_runner_cannot_do_is_refused_before_any_cluster_is_join
     proc = subprocess.run(wanwu_cmd("run", *args, "--ray", "127.0.0.1:1"), cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+
+
+def test_an_address_where_no_cluster_answers_fails_at_once_with_its_reason(tmp_path):
+    (tmp_path / "in").mkdir()
+    port = _free_port()  # nothing listens there
+    proc = subprocess.run(wanwu_cmd("run", "in", "--out", "r.jsonl", "--ray", f"127.0.0.1:{port}"), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert f"expected a Ray cluster at '127.0.0.1:{port}', nothing answers there" in proc.stderr

@@ -22,6 +22,8 @@ import functools
 import logging
 import os
 import signal
+import socket
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 ROUNDS = 2  # whole shards, then what is left of a failed shard input by input; then blame
 RAMP_SHARD_SIZE = 64  # inputs in each of the first shards
+CONNECT_TIMEOUT_S = 10.0  # for the head of a HOST:PORT cluster to accept a connection
 READ_RETRIES = 3  # Ray's retries of a read task (or an actor's batch) whose process died
 
 
@@ -80,11 +83,27 @@ def connect(address: str) -> None:
         raise ConfigError("--ray needs Ray Data: pip install 'wanwu[ray]'") from exc
     if ray.is_initialized():
         return
+    _check_reachable(address)
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
-    if address == "local":
-        ray.init(num_cpus=cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
-    else:
-        ray.init(address=address, **quiet)
+    try:
+        if address == "local":
+            ray.init(num_cpus=cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
+        else:
+            ray.init(address=address, **quiet)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise StageError(f"expected a Ray cluster at {address!r}, could not join it: {exc}") from exc
+
+
+def _check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """For HOST:PORT, a TCP connection to the head first: ray.init waits minutes on an address
+    where nothing answers; this says so within ``timeout_s``."""
+    host, colon, port = address.rpartition(":")
+    if not colon or "://" in address or not port.isdigit():
+        return  # "local", "auto", "ray://...": Ray finds or starts the cluster itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise StageError(f"expected a Ray cluster at {address!r}, nothing answers there: {exc}") from exc
 
 
 class ClusterJob:
@@ -144,9 +163,8 @@ class ClusterJob:
         self._signals += 1
 
     def _disconnect(self) -> None:
-        import ray
-
-        if ray.is_initialized():
+        ray = sys.modules.get("ray")  # absent when Ray is not installed or was never reached
+        if ray is not None and ray.is_initialized():
             ray.shutdown()
 
     # ---- rounds
