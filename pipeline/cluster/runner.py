@@ -184,10 +184,10 @@ class ClusterJob:
             if round_number == ROUNDS:
                 self._blame(failed, done, sink)
                 break
-            shards = []
+            shards, finished = [], _Either(done, self._written)
             for shard in failed:
                 source, location = self.sources[shard.input_index], self.cfg.inputs[shard.input_index]
-                shards += split_shard(shard, source, location, len(self.sources) > 1, done | self._written,
+                shards += split_shard(shard, source, location, len(self.sources) > 1, finished,
                                       next_index + len(shards))
             next_index += len(shards)
         if self._signals:
@@ -294,6 +294,16 @@ class ClusterJob:
         if rc.actor_gpus > 0:
             return max(1, int(resources.get("GPU", 0) // rc.actor_gpus)), device
         return max(1, int(resources.get("CPU", 1)) // 4), device
+
+
+class _Either:
+    """Membership in either of two sets, without building their union (the ledger can hold millions)."""
+
+    def __init__(self, a: set[str], b: set[str]) -> None:
+        self.a, self.b = a, b
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.a or key in self.b
 
 
 class _ShardDatasource:

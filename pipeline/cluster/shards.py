@@ -11,7 +11,7 @@ holds is a few hundred bytes per shard, whatever the shard size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Container, Iterator, Sequence
 
 from wanwu.errors import ConfigError
 from wanwu.stages.sources.base import Source, SourceItem, job_key
@@ -82,7 +82,7 @@ def plan_shards(locations: Sequence[str], sources: Sequence[Source], done: set[s
             index += 1
 
 
-def split_shard(shard: Shard, source: Source, location: str, several_inputs: bool, done: set[str],
+def split_shard(shard: Shard, source: Source, location: str, several_inputs: bool, done: Container[str],
                 first_index: int) -> list[Shard]:
     """The inputs of ``shard`` not in ``done``, one shard each: how a shard that kept failing is retried,
     so an input that kills the process reading it is found and blamed alone."""
