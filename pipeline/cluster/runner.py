@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import signal
@@ -123,17 +124,20 @@ class ClusterJob:
                 raise ConfigError(f"--ray reads folders, LMDB archives and list files of images, got {location!r} "
                                   f"(a {source.kind} stream: use wanwu run or wanwu serve --camera)")
             self.sources.append(source)
+        # Read tasks decode on CPUs, whatever device the actors' engines use.
+        self.decoder = resolve_decoder_name(cfg.decoder, "cpu")
+        self.decode = dataclasses.replace(cfg.decode_config(self.model.preprocess), device="cpu")
         self.result = JobResult("failed")
         self._signals = 0
-        self._written: set[str] = set()  # keys written this run; with the ledger's, each key's record is written once
+        self.done: set[str] = set()  # the ledger: keys in the output, those of earlier runs and this one's
 
     def run(self) -> JobResult:
         cfg = self.cfg
         sink = create_sink(cfg.out)
-        done = sink.open(ledger=True)  # repairs a torn tail left by a crash
-        self.result.skipped, self.result.prior_errors = len(done), sink.prior_errors
+        self.done = sink.open(ledger=True)  # repairs a torn tail left by a crash
+        self.result.skipped, self.result.prior_errors = len(self.done), sink.prior_errors
         sink.shutdown()
-        # The driver keeps the keys itself (done and written): a sink without a ledger holds none,
+        # The driver keeps the keys itself (self.done): a sink without a ledger holds none,
         # so each key is in the driver's memory once.
         sink = create_sink(cfg.out)
         sink.open(ledger=False)
@@ -142,9 +146,10 @@ class ClusterJob:
         progress = Progress(cfg.progress, cfg.log_interval_s, self.result.skipped)
         try:
             connect(self.ray_cfg.address)
-            shards = list(plan_shards(cfg.inputs, self.sources, done, self.ray_cfg.shard_size, ramp=self._ramp()))
+            shards = list(plan_shards(cfg.inputs, self.sources, self.done, self.ray_cfg.shard_size,
+                                      ramp=self._ramp()))
             self.result.total = sum(s.planned for s in shards)
-            self._rounds(shards, done, sink, progress)
+            self._rounds(shards, sink, progress)
             if self.result.status != "interrupted":
                 self.result.status = "finished"
         except StageError as exc:
@@ -169,31 +174,31 @@ class ClusterJob:
 
     # ---- rounds
 
-    def _rounds(self, shards: list[Shard], done: set[str], sink: Sink, progress: Progress) -> None:
+    def _rounds(self, shards: list[Shard], sink: Sink, progress: Progress) -> None:
         """Whole shards; a shard Ray gave up on again input by input; what fails then, blamed."""
         next_index = max((s.index for s in shards), default=-1) + 1
         for round_number in range(1, ROUNDS + 1):
             if not shards or self._signals:
                 break
-            complete = self._round(shards, done, sink, progress)
+            complete = self._round(shards, sink, progress)
             failed = [s for s in shards if s.index not in complete]
             if not failed or self._signals:
                 break
             logger.warning("round %d: %d of %d shards did not complete (Ray gave up on them)", round_number,
                            len(failed), len(shards))
             if round_number == ROUNDS:
-                self._blame(failed, done, sink)
+                self._blame(failed, sink)
                 break
-            shards, finished = [], _Either(done, self._written)
+            shards = []
             for shard in failed:
                 source, location = self.sources[shard.input_index], self.cfg.inputs[shard.input_index]
-                shards += split_shard(shard, source, location, len(self.sources) > 1, finished,
+                shards += split_shard(shard, source, location, len(self.sources) > 1, self.done,
                                       next_index + len(shards))
             next_index += len(shards)
         if self._signals:
             self.result.status = "interrupted"
 
-    def _round(self, shards: Sequence[Shard], done: set[str], sink: Sink, progress: Progress) -> set[int]:
+    def _round(self, shards: Sequence[Shard], sink: Sink, progress: Progress) -> set[int]:
         """Run ``shards`` through Ray Data, write their records; return the shards that completed."""
         import ray.data
 
@@ -205,7 +210,8 @@ class ClusterJob:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the driver draws its own
         context.max_errored_blocks = -1  # a shard Ray gave up on is read again input by input, not the job's end
-        datasource = _ShardDatasource(shards, cfg, self.sources, self.model.name, rc.block_rows)
+        datasource = _datasource_class()(shards, cfg.inputs, self.sources, self.decoder, self.decode, self.model.name,
+                                         rc.block_rows)
         actors, device = self._actors()
         with warnings.catch_warnings():
             # Ray 2.60 names no parameter for retries yet and warns that ray_remote_args will go (in 2.64).
@@ -224,7 +230,7 @@ class ClusterJob:
         complete: set[int] = set()
         try:
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
-                self._take(batch, done, sink, counts, complete)
+                self._take(batch, sink, counts, complete)
                 progress.update(self.result.ok, self.result.errors, self.result.total)
                 if self._signals:
                     logger.warning("stopping: what was written stays; run the same command again to resume")
@@ -235,11 +241,8 @@ class ClusterJob:
             raise StageError(f"the Ray Data pipeline failed: {type(exc).__name__}: {exc}") from exc
         return complete
 
-    def _take(self, batch: dict[str, Any], done: set[str], sink: Sink, counts: dict[int, list],
-              complete: set[int]) -> None:
+    def _take(self, batch: dict[str, Any], sink: Sink, counts: dict[int, list], complete: set[int]) -> None:
         """Write the batch's new records (each key once) and note which shards it completes."""
-        import json
-
         new = []
         for shard, total, key, text in zip(batch["shard"].tolist(), batch["total"].tolist(), batch["key"],
                                            batch["record"]):
@@ -248,9 +251,9 @@ class ClusterJob:
             if len(entry[1]) == entry[0]:
                 complete.add(shard)
                 del counts[shard]
-            if key in done or key in self._written:
+            if key in self.done:
                 continue  # a retried task's row, or a path listed twice
-            self._written.add(key)
+            self.done.add(key)
             new.append(json.loads(text))
         if new:
             sink.write(new)
@@ -260,7 +263,7 @@ class ClusterJob:
             self.result.errors += errors
             self.result.ok += len(new) - errors
 
-    def _blame(self, failed: Sequence[Shard], done: set[str], sink: Sink) -> None:
+    def _blame(self, failed: Sequence[Shard], sink: Sink) -> None:
         """Error records for the inputs of shards that failed read alone too: each killed its process."""
         several, records = len(self.sources) > 1, []
         why = StageError("the process reading and decoding this input died every time Ray ran it "
@@ -269,8 +272,8 @@ class ClusterJob:
             source, location = self.sources[shard.input_index], self.cfg.inputs[shard.input_index]
             for item in source.scan_range(shard.start, shard.stop):
                 key = shard_key(location, item, several)
-                if key not in done and key not in self._written:
-                    self._written.add(key)
+                if key not in self.done:
+                    self.done.add(key)
                     records.append(Record.failure(key, item.source, self.model.name, why, time.time()))
         if records:
             sink.write(records)
@@ -296,26 +299,10 @@ class ClusterJob:
         return max(1, int(resources.get("CPU", 1)) // 4), device
 
 
-class _Either:
-    """Membership in either of two sets, without building their union (the ledger can hold millions)."""
-
-    def __init__(self, a: set[str], b: set[str]) -> None:
-        self.a, self.b = a, b
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.a or key in self.b
-
-
-class _ShardDatasource:
-    """A Ray Data datasource of shards: one read task per shard (see ``tasks.read_shard``)."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        # Built on Ray's base class on first use, so importing this module needs no Ray.
-        return _datasource_class()(*args, **kwargs)
-
-
 @functools.cache
 def _datasource_class() -> type:
+    """A Ray Data datasource of shards, one read task each (``tasks.read_shard``); built on Ray's base
+    class on first use, so importing this module needs no Ray."""
     import numpy as np
     from ray.data.block import BlockAccessor, BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
@@ -326,33 +313,25 @@ def _datasource_class() -> type:
             yield BlockAccessor.batch_to_block(rows)
 
     class ShardDatasource(Datasource):
-        def __init__(self, shards: Sequence[Shard], cfg: JobConfig, sources: Sequence[Source], model_name: str,
-                     block_rows: int) -> None:
+        def __init__(self, shards: Sequence[Shard], inputs: Sequence[str], sources: Sequence[Source], decoder: str,
+                     decode: Any, model_name: str, block_rows: int) -> None:
             super().__init__()
-            self.shards, self.cfg, self.sources = list(shards), cfg, list(sources)
-            self.model_name, self.block_rows = model_name, block_rows
+            self.shards, self.inputs, self.sources = list(shards), list(inputs), list(sources)
+            self.decoder, self.decode, self.model_name, self.block_rows = decoder, decode, model_name, block_rows
+            self.frame_bytes = int(np.prod(decode.preprocess.frame.shape))
 
         def estimate_inmemory_data_size(self) -> int:
-            return sum(s.planned for s in self.shards) * self._frame_bytes()
-
-        def _frame_bytes(self) -> int:
-            from wanwu.stages.models.base import get_model_spec
-
-            crop = get_model_spec(self.cfg.model, **self.cfg.model_options()).preprocess.crop
-            return int(np.prod((crop, crop, 3)))
+            return sum(s.planned for s in self.shards) * self.frame_bytes
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list:
-            cfg, several, frame = self.cfg, len(self.sources) > 1, self._frame_bytes()
-            preprocess = get_model_spec(cfg.model, **cfg.model_options()).preprocess
-            decode = dataclasses.replace(cfg.decode_config(preprocess), device="cpu")
-            decoder = resolve_decoder_name(cfg.decoder, "cpu")  # read tasks run on CPUs
+            several = len(self.sources) > 1
             tasks = []
             for shard in self.shards:
-                fn = functools.partial(read, shard, cfg.inputs[shard.input_index], self.sources[shard.input_index],
-                                       several, decoder, decode, self.model_name, self.block_rows)
-                meta = BlockMetadata(num_rows=shard.planned, size_bytes=shard.planned * frame, input_files=None,
-                                     exec_stats=None)
+                fn = functools.partial(read, shard, self.inputs[shard.input_index], self.sources[shard.input_index],
+                                       several, self.decoder, self.decode, self.model_name, self.block_rows)
+                meta = BlockMetadata(num_rows=shard.planned, size_bytes=shard.planned * self.frame_bytes,
+                                     input_files=None, exec_stats=None)
                 tasks.append(ReadTask(fn, meta, per_task_row_limit=per_task_row_limit))
             return tasks
 

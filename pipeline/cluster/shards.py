@@ -40,7 +40,7 @@ def shard_key(location: str, item: SourceItem, several_inputs: bool) -> str:
 
 
 def plan_shards(locations: Sequence[str], sources: Sequence[Source], done: set[str] | frozenset[str],
-                size: int, first_index: int = 0, ramp: tuple[int, int] = (0, 0)) -> Iterator[Shard]:
+                size: int, ramp: tuple[int, int] = (0, 0)) -> Iterator[Shard]:
     """Cut the inputs into shards of about ``size`` inputs that are not in ``done``.
 
     A shard starts at an input still to do (a finished prefix costs nothing) and ends
@@ -55,11 +55,11 @@ def plan_shards(locations: Sequence[str], sources: Sequence[Source], done: set[s
     if size <= 0:
         raise ConfigError(f"expected a shard size >= 1, got {size}")
     several = len(sources) > 1
-    index = first_index
+    index = 0
     ramp_count, ramp_size = ramp
 
     def limit() -> int:
-        return min(size, ramp_size) if ramp_size > 0 and index - first_index < ramp_count else size
+        return min(size, ramp_size) if ramp_size > 0 and index < ramp_count else size
     for input_index, (location, source) in enumerate(zip(locations, sources)):
         start: str | None = None  # position of the current shard's first input to do
         skip: set[str] = set()  # done keys after that
