@@ -137,11 +137,21 @@ def test_a_dead_inference_process_restarts_every_producer():
         topology.close()
 
 
-def test_a_replacement_that_cannot_be_spawned_is_tried_again_later():
-    """Out of file descriptors (EMFILE), spawning the replacement fails: the topology says so and
-    tries again once descriptors are free, instead of dying (run in a child, whose limit we lower)."""
+def run_owner_script(code: str, tmp_path: Path, timeout_s: float = 120) -> tuple[int, str, str]:
+    """Run ``code`` in a child Python; its output goes to files, so a worker that outlives the
+    child cannot hold a pipe open and hang the test (it is found by the assertions instead)."""
     import subprocess
     import sys
+
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        code_ = subprocess.run([sys.executable, "-c", code], stdout=o, stderr=e, timeout=timeout_s).returncode
+    return code_, out.read_text(), err.read_text()
+
+
+def test_a_replacement_that_cannot_be_spawned_is_tried_again_later(tmp_path):
+    """Out of file descriptors (EMFILE), spawning the replacement fails: the topology says so and
+    tries again once descriptors are free, instead of dying (run in a child, whose limit we lower)."""
     import textwrap
 
     code = textwrap.dedent("""
@@ -151,29 +161,91 @@ def test_a_replacement_that_cannot_be_spawned_is_tried_again_later():
         from wanwu.pipeline.topology.plan import make_plan
         from wanwu.stages.models.base import get_model_spec
 
+        def exhaust():
+            # Take every free descriptor below the limit. Lowering the limit to the count of open
+            # descriptors is not enough: ZeroMQ's I/O thread may close some (the dead decoder's
+            # connection), leaving holes below the limit that a spawn would happen to fit in.
+            taken = []
+            while True:
+                try:
+                    taken.append(os.open(os.devnull, os.O_RDONLY))
+                except OSError:
+                    return taken
+
         cfg = PipelineConfig(decoders=1)
         topology = Topology(cfg, make_plan(cfg, get_model_spec()), [("decoder", 0)], RestartPolicy(max_backoff_s=1))
-        topology.start()
-        while not topology.ready("decoder-0"):
-            topology.poll(50)
-        os.kill(topology.pids()["decoder-0"], signal.SIGKILL)
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        used = len(os.listdir("/proc/self/fd"))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (used, hard))  # not one descriptor to spare
-        deadline = time.monotonic() + 20
-        while topology.spawn_failures == 0 and time.monotonic() < deadline:
-            topology.poll(20)
-            restart = topology.supervise()  # no exception: the death is reported, nothing restarted yet
-            assert restart is None or (restart.names == () and restart.dead == ((0, 0),))
-        assert topology.spawn_failures >= 1 and not topology.ready("decoder-0")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        while not topology.ready("decoder-0") and time.monotonic() < deadline + 30:
-            topology.poll(20)
-            topology.supervise()
-        print("recovered" if topology.ready("decoder-0") else "not recovered", topology.spawn_failures)
-        topology.stop(10)
-        topology.close()
+        try:
+            topology.start()
+            while not topology.ready("decoder-0"):
+                topology.poll(50)
+            print("pid", topology.pids()["decoder-0"], flush=True)
+            os.kill(topology.pids()["decoder-0"], signal.SIGKILL)
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+            taken = []
+            deadline = time.monotonic() + 20
+            while topology.spawn_failures == 0 and time.monotonic() < deadline:
+                topology.poll(20)
+                taken += exhaust()  # not one descriptor to spare when supervise spawns
+                restart = topology.supervise()  # no exception: the death is reported, nothing restarted yet
+                assert restart is None or (restart.names == () and restart.dead == ((0, 0),)), restart
+            assert topology.spawn_failures >= 1 and not topology.ready("decoder-0"), topology.spawn_failures
+            for fd in taken:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            while not topology.ready("decoder-0") and time.monotonic() < deadline + 30:
+                topology.poll(20)
+                topology.supervise()
+            print("recovered" if topology.ready("decoder-0") else "not recovered", topology.spawn_failures)
+            print("pid", topology.pids()["decoder-0"], flush=True)
+        finally:
+            topology.stop(10)
+            topology.close()
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.startswith("recovered"), result.stdout + result.stderr[-2000:]
+    returncode, stdout, stderr = run_owner_script(code, tmp_path)
+    assert returncode == 0, stderr[-3000:]
+    assert "recovered" in stdout.splitlines()[1], stdout + stderr[-2000:]
+    for line in stdout.splitlines():
+        if line.startswith("pid "):
+            assert_gone(int(line.split()[1]))
+
+
+def assert_gone(pid: int, timeout_s: float = 15) -> None:
+    """The process ``pid`` has exited (a zombie counts: it runs no more)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        if state in ("Z", "X"):
+            return
+        assert time.monotonic() < deadline, f"process {pid} outlived its owner (state {state})"
+        time.sleep(0.1)
+
+
+def test_an_owner_that_dies_while_its_workers_start_leaves_no_orphans(tmp_path):
+    """The owner is killed right after spawning, before its workers could ask Linux for a death
+    signal: they must notice they were orphaned and exit, not wait forever under init."""
+    import textwrap
+
+    code = textwrap.dedent("""
+        import os
+        from wanwu.pipeline.config import PipelineConfig
+        from wanwu.pipeline.topology.owner import RestartPolicy, Topology
+        from wanwu.pipeline.topology.plan import make_plan
+        from wanwu.stages.models.base import get_model_spec
+
+        cfg = PipelineConfig(decoders=2)
+        topology = Topology(cfg, make_plan(cfg, get_model_spec()), [("decoder", 0), ("decoder", 1)], RestartPolicy())
+        topology.start()
+        for pid in topology.pids().values():
+            print("pid", pid, flush=True)
+        os.kill(os.getpid(), 9)  # as kill -9 would, while the workers still import their modules
+    """)
+    returncode, stdout, stderr = run_owner_script(code, tmp_path)
+    assert returncode == -9, stderr[-3000:]
+    pids = [int(line.split()[1]) for line in stdout.splitlines() if line.startswith("pid ")]
+    assert len(pids) == 2, stdout
+    for pid in pids:
+        assert_gone(pid)

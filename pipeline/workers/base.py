@@ -209,9 +209,15 @@ class Worker(ABC):
 
 
 def spawn(spec: WorkerSpec) -> subprocess.Popen:
-    """Start the worker process for ``spec`` (its role and index in argv, so `ps` tells them apart)."""
-    proc = subprocess.Popen([sys.executable, "-m", "wanwu.pipeline.workers", spec.role, str(spec.index)],
-                            stdin=subprocess.PIPE, pass_fds=(spec.pool_fd,) if spec.uses_pool else ())
+    """Start the worker process for ``spec`` (its role and index in argv, so `ps` tells them apart).
+
+    The owner's pid travels in argv too: a worker whose owner died while it was still starting
+    would otherwise find itself adopted by init, ask for a death signal that never comes, and
+    outlive the job (it ignores SIGTERM, so nothing would end it).
+    """
+    argv = [sys.executable, "-m", "wanwu.pipeline.workers", spec.role, str(spec.index), str(os.getpid())]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE,
+                            pass_fds=(spec.pool_fd,) if spec.uses_pool else ())
     assert proc.stdin is not None
     proc.stdin.write(pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL))
     proc.stdin.close()
@@ -229,9 +235,9 @@ def _die_with_parent() -> None:
 
 
 def main() -> int:
-    parent = os.getppid()
+    owner = int(sys.argv[3]) if len(sys.argv) > 3 else os.getppid()
     _die_with_parent()
-    if os.getppid() != parent:  # the parent died before prctl took effect
+    if os.getppid() != owner:  # the owner died before prctl took effect: nobody would signal us
         return 1
     # Ctrl-C reaches the whole process group, and `systemctl stop` or `timeout` send SIGTERM
     # to every process: the owner coordinates the stop (it drains first), and if the owner
