@@ -195,6 +195,33 @@ def children_of(pid: int) -> dict[int, str]:
     return found
 
 
+def listening_unix_paths(pids: list[int]) -> list[str]:
+    """The paths of the listening Unix sockets the processes ``pids`` hold, once per socket.
+
+    ZeroMQ lets a second ``bind`` of an ipc path silently replace the first, so a path listed
+    twice means two processes each believe they own one address, and one of them is deaf.
+    """
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:["):-1])
+        except OSError:
+            continue
+    paths = []
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        # Num RefCount Protocol Flags Type St Inode Path; flag 0x10000 is __SO_ACCEPTCON (listening)
+        if len(fields) == 8 and int(fields[3], 16) & 0x10000 and fields[6] in inodes:
+            paths.append(fields[7])
+    return paths
+
+
 def count_lines(path: Path) -> int:
     try:
         return path.read_bytes().count(b"\n")

@@ -101,6 +101,16 @@ def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
+def assert_one_binder_per_address(daemon) -> None:
+    """Each of the daemon's ipc addresses is bound by one process: the dispatcher owns the work
+    address beside the cameras' reader (which feeds no decoder)."""
+    from conftest import children_of, listening_unix_paths
+
+    paths = listening_unix_paths([daemon.proc.pid, *children_of(daemon.proc.pid)])
+    assert any(p.endswith("/work") for p in paths), paths
+    assert len(paths) == len(set(paths)), sorted(paths)
+
+
 def test_the_daemon_recognises_cameras_beside_its_doors_and_counts_them(tmp_path: Path, photos, images,
                                                                         scene_labels):
     from bench.attacks import infer_seconds, metric
@@ -118,6 +128,7 @@ def test_the_daemon_recognises_cameras_beside_its_doors_and_counts_them(tmp_path
         while metric(m, "wanwu_stream_frames_total", 'stream="front",what="recognised"') < 4:
             assert time.monotonic() < deadline, "the camera's frames were not recognised"
             time.sleep(0.5)
+        assert_one_binder_per_address(daemon)
         assert infer_seconds(daemon.url, images["chelsea"]) < 30  # the doors answer beside the cameras
         assert metric(m, "wanwu_stream_up", 'stream="front"') == 1
         assert metric(m, "wanwu_stream_up", 'stream="back"') == 0  # down, and the daemon is still ready
@@ -140,9 +151,13 @@ def test_the_daemon_recognises_cameras_beside_its_doors_and_counts_them(tmp_path
             assert time.monotonic() < deadline + 120, "the cameras were not read again after their reader died"
             time.sleep(0.5)
         assert metric(m, "wanwu_worker_restarts_total", 'stage="loader"') == 1
+        assert_one_binder_per_address(daemon)  # the new reader took no address of the doors' either
+        assert infer_seconds(daemon.url, images["chelsea"]) < 30
         assert metric(m, "wanwu_ready") == 1
     finally:
-        assert daemon.stop() == 0, daemon.stderr
+        code = daemon.stop()
+        print(daemon.stderr[-6000:])  # shown by pytest when the test fails
+        assert code == 0, daemon.stderr
         camera.stop()
     records = read_records(str(out))
     fronts = [r for r in records if r["key"].startswith("front@")]

@@ -76,7 +76,12 @@ class LoaderWorker(Worker):
         self.results = transport.socket(self.ctx, zmq.PULL, ep.frame_results if self.plan.frames_apart else ep.results,
                                         bind=True)
         self.records = transport.socket(self.ctx, zmq.PUSH, ep.records, bind=False)
-        self.work = transport.socket(self.ctx, zmq.PUSH, ep.work, bind=True, hwm=WORK_HWM) if self.plan.decoders else None
+        # Beside the daemon's doors (frames_apart) the dispatcher feeds the decoders, and binding
+        # the work address here too would take it over: ZeroMQ lets a second bind of an ipc path
+        # replace the first, so decoders connecting afterwards would wait on a feeder of camera
+        # frames, which sends them nothing, and the doors' requests would time out.
+        feeds_decoders = self.plan.decoders and not self.plan.frames_apart
+        self.work = transport.socket(self.ctx, zmq.PUSH, ep.work, bind=True, hwm=WORK_HWM) if feeds_decoders else None
         self.producer = self.spec.producer  # >= 0 when a frame source is among the inputs
         if self.producer >= 0:
             self.release = transport.socket(self.ctx, zmq.PULL, ep.release(self.producer), bind=True)
