@@ -191,3 +191,26 @@ def test_pickled_worker_specs_carry_sources(tmp_path):
     assert (again.cfg, again.plan, again.endpoints) == (spec.cfg, spec.plan, spec.endpoints)
     assert [(s.kind, s.location) for s in again.sources] == [("folder", str(tmp_path))]
     assert again.name == "loader" and again.producer == -1 and not again.uses_pool
+
+
+def test_a_second_live_binder_of_an_ipc_address_is_refused_and_a_dead_ones_file_is_taken_over(tmp_path):
+    """ZeroMQ would let the second bind silently take the address from the first."""
+    addr = f"ipc://{tmp_path / 'work'}"
+    ctx = zmq.Context()
+    try:
+        first = transport.socket(ctx, zmq.PUSH, addr, bind=True)
+        with pytest.raises(TransportError, match="only process bound to"):
+            transport.socket(ctx, zmq.PUSH, addr, bind=True)
+        first.close()
+        # A worker killed -9 leaves its socket file behind; its replacement binds the address again.
+        code = f"import zmq, os; s = zmq.Context().socket(zmq.PULL); s.bind({addr!r}); os._exit(0)"
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+        assert (tmp_path / "work").exists()
+        again = transport.socket(ctx, zmq.PUSH, addr, bind=True)
+        peer = transport.socket(ctx, zmq.PULL, addr, bind=False)
+        transport.send(again, {"ok": 1})
+        assert peer.poll(5000) and transport.recv(peer)[0] == {"ok": 1}
+        again.close()
+        peer.close()
+    finally:
+        ctx.destroy(linger=0)

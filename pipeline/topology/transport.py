@@ -17,6 +17,7 @@ from typing import Iterator
 
 import zmq
 
+from wanwu.errors import TransportError
 from wanwu.pipeline.topology.messages import dumps, loads
 from wanwu.pipeline.topology.shm import pid_alive
 
@@ -88,8 +89,34 @@ def socket(ctx: zmq.Context, kind: int, addr: str, *, bind: bool, hwm: int = 100
     sock.setsockopt(zmq.RCVHWM, hwm)
     if kind == zmq.SUB:
         sock.setsockopt(zmq.SUBSCRIBE, b"")
+    if bind:
+        _refuse_live_ipc(addr)
     (sock.bind if bind else sock.connect)(addr)
     return sock
+
+
+def _refuse_live_ipc(addr: str) -> None:
+    """Raise if a live process listens at the ipc path ``addr``.
+
+    ZeroMQ lets a second bind of an ipc path replace the first without a word: peers that
+    connect afterwards reach the newcomer, and the first binder waits for messages that never
+    come. A stale file left by a dead worker is fine (its replacement binds it again).
+
+    Raises:
+        TransportError: someone answers at that path.
+    """
+    import socket as _socket
+
+    if not addr.startswith("ipc://") or not os.path.exists(addr[len("ipc://"):]):
+        return
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        probe.connect(addr[len("ipc://"):])
+    except OSError:  # ECONNREFUSED: nobody listens there any more
+        return
+    finally:
+        probe.close()
+    raise TransportError(f"expected to be the only process bound to {addr}, but a live process already is")
 
 
 def send(sock: zmq.Socket, msg: object, payload: bytes | memoryview | None = None, flags: int = 0) -> None:
