@@ -148,9 +148,13 @@ class Daemon:
                     status = 1
                     break
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            self.shutdown()
+            # The handlers stay until the drain is over: a second SIGTERM (a supervisor's retry,
+            # a double Ctrl-C) must not kill the daemon half-way through answering what it holds.
+            try:
+                self.shutdown()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
         return status
 
     def broken(self) -> str:
@@ -170,7 +174,11 @@ class Daemon:
         self._stopped.set()
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        logger.warning("received %s: draining", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if self._stopped.is_set():
+            logger.warning("received %s again: already draining (SIGKILL ends it at once)", name)
+        else:
+            logger.warning("received %s: draining", name)
         self._stopped.set()
 
     def shutdown(self) -> None:
