@@ -104,6 +104,39 @@ def test_json_amplification_is_refused_before_parsing_and_memory_stays_bounded(d
     assert latency < 10
 
 
+def test_a_too_large_body_sent_slowly_is_drained_and_its_413_read_not_reset(daemon):
+    """The 413 goes out at once; the client, still uploading for longer than the idle and head
+    deadlines (3 s here), must be able to finish and then read it (a lingering close), even when
+    a flood of new connections reaches the cap meanwhile (the oldest waiting ones give way, but
+    not one whose answer is on its way)."""
+    import socket
+
+    body = json_amplification_body(16 << 20)  # over the JSON limit (8 MiB), so refused unread
+    head = (f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    chunk, rate = 1 << 20, 3 << 20  # 16 MiB at 3 MiB/s: about 5 s
+    with socket.create_connection((daemon.host, daemon.port), timeout=30) as sock:
+        sock.sendall(head)
+        start = time.monotonic()
+        flood = []
+        try:
+            for i in range(0, len(body), chunk):
+                sock.sendall(body[i:i + chunk])  # raises BrokenPipe or ConnectionReset if the server cut it
+                if i == 2 * chunk:
+                    flood = [socket.create_connection((daemon.host, daemon.port), timeout=30) for _ in range(300)]
+                time.sleep(max(0.0, start + (i + chunk) / rate - time.monotonic()))
+        finally:
+            for other in flood:
+                other.close()
+        assert time.monotonic() - start > 4
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            part = sock.recv(65536)
+            assert part, f"closed after {reply!r}"
+            reply += part
+    assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
+
+
 def test_a_binary_request_of_millions_of_tiny_images_is_refused_at_once(daemon):
     body, header_length = binary_count_bomb(11_000_000)
     start = time.perf_counter()
@@ -149,6 +182,21 @@ def test_a_frozen_inference_worker_is_detected_and_replaced(daemon, image):
     assert not os.path.exists(f"/proc/{frozen}") or open(f"/proc/{frozen}/stat").read().split()[2] == "Z"
     assert infer_seconds(daemon.url, image, timeout_s=60) < 30  # the replacement answers
     assert metric(metrics, "wanwu_ready") == 1
+
+
+def test_a_second_sigterm_during_the_drain_does_not_cut_it_short(image):
+    """Supervisors retry SIGTERM and people press Ctrl-C twice: the drain still ends cleanly."""
+    served = Served("--decoders", "1")
+    try:
+        assert infer_seconds(served.url, image) < 30
+        served.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.05)  # inside the drain: stopping the doors and the workers takes longer
+        assert served.proc.poll() is None
+        served.proc.send_signal(signal.SIGTERM)
+    finally:
+        code = served.stop()
+    assert code == 0, served.stderr[-3000:]
+    assert "received SIGTERM again: already draining" in served.stderr
 
 
 def test_requests_in_flight_during_a_drain_get_a_retryable_status(tmp_path, image):

@@ -11,12 +11,17 @@ that forwards everything to aiohttp's and adds three rules:
   place of the one that has waited longest without a request in progress (idle, or
   still trickling a head: what a slowloris flood is made of), so a real client still
   gets in (it sends its request at once, and the flood's older connections give
-  way first). When every connection has a request in progress, the new one is
-  answered ``503`` and closed, before a byte of it is read;
+  way first). When every connection has a request in progress (or is draining a
+  refused body, below), the new one is answered ``503`` and closed, before a byte
+  of it is read;
 * an idle connection (new, or between keep-alive requests) is closed after
   ``keepalive_timeout_s`` without a byte;
 * once a request's first byte has arrived, its head (request line and headers)
-  must be complete within ``header_timeout_s``, however slowly the bytes trickle.
+  must be complete within ``header_timeout_s``, however slowly the bytes trickle;
+* except while a body answered without being read (a 413, say) is still arriving:
+  aiohttp reads and drops it for up to ``linger_s`` (a "lingering close"), and those
+  bytes are not the next request's head. Cutting the connection then would reset
+  it under the client, who could lose the answer that says what was wrong.
 
 The request handler tells the guard when a request's head was parsed
 (``request_started``) and when its answer was sent (``request_finished``); the
@@ -46,6 +51,7 @@ class GuardLimits:
     max_connections: int = 512  # open connections; more are refused at once
     keepalive_timeout_s: float = 15.0  # a connection without a request in progress closes after this long idle
     header_timeout_s: float = 10.0  # a request's head must be complete this long after its first byte
+    linger_s: float = 10.0  # an unread body is drained this long after its answer (aiohttp's lingering_time)
 
 
 class GuardedConnections:
@@ -75,7 +81,8 @@ class GuardedConnections:
 
     def _evict(self) -> bool:
         """Close the connection that has waited longest without a request in progress; False if none."""
-        waiting = [g for g in self.open if not g.in_request and g.transport is not None]
+        # A lingering connection has its answer on the way: cutting it could reset the answer away.
+        waiting = [g for g in self.open if not g.in_request and not g.lingering and g.transport is not None]
         if not waiting:
             return False
         oldest = min(waiting, key=lambda g: g.waiting_since)
@@ -101,20 +108,31 @@ class Guard(asyncio.Protocol):
         self.in_request = False  # a request's head was parsed and its answer not yet sent
         self.waiting_since = 0.0  # loop time it began waiting for its next request (or its first)
         self._head_started = False  # bytes of the next request's head have arrived
+        self.lingering = False  # the last request's unread body is being drained
 
     # -- the rules
 
     def request_started(self) -> None:
         """The handler has the request's head: no head deadline until its answer is sent."""
         self.in_request = True
+        self.lingering = False
         self._cancel()
 
-    def request_finished(self) -> None:
-        """The answer was sent: the connection is idle until the next request's first byte."""
+    def request_finished(self, body_left: bool = False) -> None:
+        """The answer was sent: the connection is idle until the next request's first byte.
+
+        Args:
+            body_left: the request's body had not all arrived; aiohttp drains it for up to
+                ``linger_s``, and the idle and head deadlines wait until then.
+        """
         self.in_request = False
         self._head_started = False
+        self.lingering = body_left
         self.waiting_since = asyncio.get_running_loop().time()
-        self._arm(self.owner.limits.keepalive_timeout_s, "idle")
+        if body_left:  # aiohttp closes after linger_s; this is only its backstop
+            self._arm(self.owner.limits.linger_s + 1.0, "unread body still arriving after the linger time")
+        else:
+            self._arm(self.owner.limits.keepalive_timeout_s, "idle")
 
     def _arm(self, delay_s: float, why: str) -> None:
         self._cancel()
@@ -143,7 +161,7 @@ class Guard(asyncio.Protocol):
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if not self.in_request and not self._head_started:
+        if not self.in_request and not self._head_started and not self.lingering:
             self._head_started = True  # the head's clock starts at its first byte
             self._arm(self.owner.limits.header_timeout_s, "request head too slow")
         self.inner.data_received(data)

@@ -40,6 +40,10 @@ from wanwu.pipeline.serve.kserve_handler import KServeRoutes
 logger = logging.getLogger(__name__)
 
 ACCEPT_BACKLOG = 128
+# How long the rest of a body answered without being read (413, 401...) is read and dropped
+# before the connection closes, so that the client gets to read the answer; as nginx's
+# lingering_time, and bounded the same way.
+LINGER_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ class HttpLimits:
 
     @property
     def guard(self) -> GuardLimits:
-        return GuardLimits(self.max_connections, self.keepalive_timeout_s, self.header_timeout_s)
+        return GuardLimits(self.max_connections, self.keepalive_timeout_s, self.header_timeout_s, LINGER_S)
 
 
 class KServeHTTPServer:
@@ -124,7 +128,7 @@ class KServeHTTPServer:
         backstop_s = self.limits.keepalive_timeout_s + self.limits.header_timeout_s + 5
         self._runner = web.AppRunner(self.routes.app(), access_log=None, handle_signals=False,
                                      keepalive_timeout=backstop_s, shutdown_timeout=self.drain_s,
-                                     auto_decompress=False)
+                                     auto_decompress=False, lingering_time=LINGER_S)
         await self._runner.setup()
         assert self._runner.server is not None
         self.connections = GuardedConnections(self._runner.server, self.limits.guard)

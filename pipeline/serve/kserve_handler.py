@@ -103,7 +103,7 @@ class KServeRoutes:
             return self._error(request, 500, f"internal error: {type(exc).__name__}: {exc}")
         finally:
             if guard is not None:
-                guard.request_finished()
+                guard.request_finished(body_left=not request.content.is_eof())
 
     async def _expect(self, request: web.Request) -> web.StreamResponse | None:
         """Refuse a body before the client sends it (curl sends ``Expect: 100-continue``)."""
