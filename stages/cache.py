@@ -19,6 +19,7 @@ default: a truncated upload may be sent whole again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import xxhash
 
@@ -64,6 +65,19 @@ def file_digest(location: str) -> str:
             while chunk := f.read(1 << 24):
                 h.update(chunk)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _folder_lock(path: str) -> Iterator[None]:
+    """An exclusive ``flock`` on the folder itself (no lock file: the folder holds only LMDB's)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _check_ours(path: str) -> None:
@@ -139,19 +153,24 @@ class RecordCache:
         self._last_flush = time.monotonic()
         if os.path.exists(path) and not os.path.isdir(path):
             raise ConfigError(f"expected a wanwu cache folder at {path!r}, got a file; it is left untouched")
-        if os.path.isdir(path) and os.listdir(path):
-            _check_ours(path)  # read-only: a file that is not ours is not written to, not even its map size
-        try:
-            self._env = lmdb.open(path, map_size=max_bytes, max_dbs=3, subdir=True, metasync=False, readahead=False,
-                                  max_readers=1024)  # every thread of a daemon that reads it takes a reader slot
-            self._meta = self._env.open_db(b"meta")
-            self._answers = self._env.open_db(b"answers")  # identity + digest -> stamp + JSON
-            self._lru = self._env.open_db(b"lru")  # stamp + identity + digest -> b""
-            with self._env.begin(write=True) as txn:
-                if txn.get(b"format", db=self._meta) is None:
-                    txn.put(b"format", FORMAT, db=self._meta)
-        except lmdb.Error as exc:
-            raise ConfigError(f"expected a wanwu cache at {path!r}, got one LMDB cannot open: {exc}") from exc
+        os.makedirs(path, exist_ok=True)
+        # Creating the file and marking it ours are two transactions: a second process opening
+        # the cache in between would find an LMDB file without the mark and refuse it. So the
+        # check and the creation happen under a lock on the folder (flock, released on exit).
+        with _folder_lock(path):
+            if os.listdir(path):
+                _check_ours(path)  # read-only: a file that is not ours is not written to, not even its map size
+            try:
+                self._env = lmdb.open(path, map_size=max_bytes, max_dbs=3, subdir=True, metasync=False,
+                                      readahead=False, max_readers=1024)  # a reader slot per thread of a daemon
+                self._meta = self._env.open_db(b"meta")
+                self._answers = self._env.open_db(b"answers")  # identity + digest -> stamp + JSON
+                self._lru = self._env.open_db(b"lru")  # stamp + identity + digest -> b""
+                with self._env.begin(write=True) as txn:
+                    if txn.get(b"format", db=self._meta) is None:
+                        txn.put(b"format", FORMAT, db=self._meta)
+            except lmdb.Error as exc:
+                raise ConfigError(f"expected a wanwu cache at {path!r}, got one LMDB cannot open: {exc}") from exc
 
     # -- answers
 

@@ -122,6 +122,26 @@ def test_two_processes_write_one_cache_at_once(tmp_path):
     cache.shutdown()
 
 
+def _opener(paths: list[str], barrier) -> None:
+    for path in paths:
+        barrier.wait(60)  # every process opens the same new cache at the same moment
+        RecordCache(path, ID_A, max_bytes=64 << 20).shutdown()
+
+
+def test_processes_creating_one_new_cache_together_all_open_it(tmp_path):
+    """Creating the file and marking it a wanwu cache are two transactions; a process opening the
+    cache between them must wait, not refuse it as another LMDB file."""
+    ctx = mp.get_context("spawn")
+    paths = [str(tmp_path / f"c{i}") for i in range(10)]
+    barrier = ctx.Barrier(4)
+    openers = [ctx.Process(target=_opener, args=(paths, barrier)) for _ in range(4)]
+    for p in openers:
+        p.start()
+    for p in openers:
+        p.join(120)
+    assert [p.exitcode for p in openers] == [0] * 4
+
+
 def test_kill_9_while_writing_loses_entries_at_worst_never_answers_wrong(tmp_path):
     path = str(tmp_path / "c")
     ctx = mp.get_context("spawn")
