@@ -212,12 +212,11 @@ def test_a_replacement_that_cannot_be_spawned_is_tried_again_later(tmp_path):
 
 def assert_gone(pid: int, timeout_s: float = 15) -> None:
     """The process ``pid`` has exited (a zombie counts: it runs no more)."""
+    from conftest import proc_state  # "Z" once it is gone, too
+
     deadline = time.monotonic() + timeout_s
     while True:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError):
-            return
+        state = proc_state(pid)
         if state in ("Z", "X"):
             return
         assert time.monotonic() < deadline, f"process {pid} outlived its owner (state {state})"
