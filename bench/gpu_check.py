@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,16 @@ def no_gpu_reason() -> str | None:
     return cuda_unavailable_reason()
 
 
+def sample_photos() -> list[Path]:
+    """The bundled sample photos (the folder also holds a README and a client script)."""
+    return sorted(p for p in (REPO / "samples").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+
+
 def photos_corpus(folder: Path, copies: int) -> list[Path]:
     """The bundled sample photos, ``copies`` times each (no result cache is used, so copies count)."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
-    for photo in sorted((REPO / "samples").iterdir()):
+    for photo in sample_photos():
         for i in range(copies):
             target = folder / f"{i:04d}-{photo.name}"
             shutil.copyfile(photo, target)
@@ -112,57 +118,80 @@ def end_to_end(folder: Path, out: Path, *args: str) -> dict[str, Any]:
     started = len(records) / (elapsed - first) if first is not None and elapsed > first else None
     return {"args": list(args), "rc": proc.returncode, "wall_s": wall, "images": len(records),
             "rate": len(records) / wall, "started_rate": started, "ready_s": job.get("ready_s"),
-            "first_record_s": first, "busy": job.get("busy"), "stderr_tail": proc.stderr[-2000:],
+            "first_record_s": first, "busy": job.get("busy"), "restarts": job.get("restarts"),
+            "failure": job.get("failure"), "stderr_tail": proc.stderr[-2000:],
             "top1": {r["key"]: r["labels"][0]["class_id"] for r in records if r["labels"]}}
+
+
+class PinnedFeed:
+    """A ``CudaFeed`` over a pinned pool of random frames, as the inference process builds it.
+
+    ``submit(n)`` sends batch ``n`` (slots alternate between two halves of the pool);
+    ``answered`` lists each answered batch's first key, in answer order.
+    """
+
+    def __init__(self, batch: int = 32) -> None:
+        import numpy as np
+
+        from wanwu.pipeline.topology.gpu import DeviceFacts, GpuSettings, plan_gpu
+        from wanwu.pipeline.topology.plan import Plan
+        from wanwu.pipeline.topology.shm import SlotPool
+        from wanwu.pipeline.workers.gpu_feed import CudaFeed
+        from wanwu.specs import FrameSpec
+        from wanwu.stages.classifier import Classifier
+        from wanwu.stages.engines.base import EngineConfig
+        from wanwu.stages.models.base import get_model_spec
+
+        model = get_model_spec("efficientnet_lite0")
+        plan = Plan(FrameSpec((224, 224, 3)), 1, False, batch, model.name, model.preprocess)
+        plan = plan_gpu(plan, DeviceFacts("cuda:0", ipc=True, cupy=True, dali=True), "turbo", "torch", 10**8,
+                        GpuSettings(placement="pinned"), batch)
+        self.batch = batch
+        self.pool = SlotPool.create(plan.frame, plan.n_slots)
+        self.pool.frames[:] = np.random.default_rng(0).integers(0, 256, self.pool.frames.shape, dtype=np.uint8)
+        self.clf = Classifier(model, "torch", EngineConfig(device="cuda:0", max_batch_size=batch))
+        self.clf.load()
+        self.answered: list[tuple[str, int]] = []  # (first key, records) per answered batch
+        self.feed = CudaFeed(plan.gpu, self.pool, self.clf, batch, lambda items: None,
+                             lambda items, recs, s: self.answered.append((items[0].key, len(recs))))
+
+    def submit(self, n: int) -> None:
+        from wanwu.pipeline.topology.messages import Decoded
+
+        first = (n % 2) * self.batch
+        self.feed.submit([Decoded(n * self.batch + i, f"k{n}-{i}", "s", first + i, 224, 224, 0.0, 0, 0)
+                          for i in range(self.batch)])
+
+    def close(self) -> None:
+        self.feed.close()
+        self.clf.shutdown()
+        self.pool.close()
 
 
 def overlap_trace(trace_path: Path, batches: int = 8, batch: int = 32) -> dict[str, Any]:
     """Run the inference feed (pinned pool) under torch.profiler; return the streams and overlap seen.
 
     Returns:
-        ``copy_streams`` and ``kernel_streams`` (CUDA stream ids seen), and ``overlap_us``: total time
-        during which a host-to-device copy on one stream ran while a kernel ran on another.
+        ``answered`` (records answered while tracing), ``copy_streams`` and ``kernel_streams``
+        (CUDA stream ids seen), and ``overlap_us``: total time during which a host-to-device
+        copy on one stream ran while a kernel ran on another.
     """
-    import numpy as np
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from wanwu.pipeline.topology.gpu import DeviceFacts, GpuSettings, plan_gpu
-    from wanwu.pipeline.topology.messages import Decoded
-    from wanwu.pipeline.topology.plan import Plan
-    from wanwu.pipeline.topology.shm import SlotPool
-    from wanwu.pipeline.workers.gpu_feed import CudaFeed
-    from wanwu.specs import FrameSpec
-    from wanwu.stages.classifier import Classifier
-    from wanwu.stages.engines.base import EngineConfig
-    from wanwu.stages.models.base import get_model_spec
-
-    model = get_model_spec("efficientnet_lite0")
-    plan = Plan(FrameSpec((224, 224, 3)), 1, False, batch, model.name, model.preprocess)
-    plan = plan_gpu(plan, DeviceFacts("cuda:0", ipc=True, cupy=True, dali=True), "turbo", "torch", 10**8,
-                    GpuSettings(placement="pinned"), batch)
-    pool = SlotPool.create(plan.frame, plan.n_slots)
-    pool.frames[:] = np.random.default_rng(0).integers(0, 256, pool.frames.shape, dtype=np.uint8)
-    clf = Classifier(model, "torch", EngineConfig(device="cuda:0", max_batch_size=batch))
-    clf.load()
-    answered: list[int] = []
-    feed = CudaFeed(plan.gpu, pool, clf, batch, lambda items: None, lambda items, recs, s: answered.append(len(recs)))
-
-    def items(n: int) -> list[Decoded]:
-        first = (n % 2) * batch
-        return [Decoded(n * batch + i, f"k{n}-{i}", "s", first + i, 224, 224, 0.0, 0, 0) for i in range(batch)]
-
-    for n in range(2):  # warm-up: cuDNN picks its algorithms
-        feed.submit(items(n))
-    feed.flush()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for n in range(batches):
-            feed.submit(items(n))
-        feed.flush()
-    prof.export_chrome_trace(str(trace_path))
-    feed.close()
-    clf.shutdown()
-    pool.close()
+    feed = PinnedFeed(batch)
+    try:
+        for n in range(2):  # warm-up: cuDNN picks its algorithms
+            feed.submit(n)
+        feed.feed.flush()
+        feed.answered.clear()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for n in range(2, 2 + batches):  # numbering goes on after the flush, as in the inference process
+                feed.submit(n)
+            feed.feed.flush()
+        prof.export_chrome_trace(str(trace_path))
+        answered = sum(k for _, k in feed.answered)
+    finally:
+        feed.close()
     events = json.loads(trace_path.read_text()).get("traceEvents", [])
     copies = [e for e in events if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", "")]
     kernels = [e for e in events if e.get("cat") == "kernel"]
@@ -172,7 +201,7 @@ def overlap_trace(trace_path: Path, batches: int = 8, batch: int = 32) -> dict[s
             if c["args"].get("stream") != k["args"].get("stream"):
                 start, end = max(c["ts"], k["ts"]), min(c["ts"] + c["dur"], k["ts"] + k["dur"])
                 overlap += max(0.0, end - start)
-    return {"answered": sum(answered), "copy_streams": sorted({c["args"].get("stream") for c in copies}),
+    return {"answered": answered, "copy_streams": sorted({c["args"].get("stream") for c in copies}),
             "kernel_streams": sorted({k["args"].get("stream") for k in kernels}), "overlap_us": overlap,
             "copies": len(copies), "kernels": len(kernels)}
 
@@ -199,40 +228,55 @@ def main(argv: list[str] | None = None) -> int:
                               capture_output=True, text=True, timeout=PYTEST_TIMEOUT_S)
         report["pytest"] = {"rc": proc.returncode, "wall_s": time.perf_counter() - t, "tail": proc.stdout[-3000:]}
     dali = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
-    rows: dict[str, float | None] = {}
+    report["rates"] = rows = {}
     report["not_measured"] = not_measured = {}
+
+    def measure(name: str, fn: Callable[[], Any]) -> Any:
+        """Run one step; print and save its row now, so a later failure loses nothing measured."""
+        try:
+            value = fn()
+        except Exception as exc:  # the report says what failed and goes on
+            logger.exception("%s failed", name)
+            value, not_measured[name] = None, f"failed: {type(exc).__name__}: {exc}"
+        if isinstance(value, float) or value is None:
+            rows[name] = value
+            print(f"{name:<34}{'not measured' if value is None else f'{value:.1f}':>14}", flush=True)
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
+        return value
+
+    print(f"GPU check on {report['machine']['gpu']}\n{'row':<34}{'images/s':>14}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         files = photos_corpus(Path(tmp) / "photos", args.copies)
         if dali:
-            rows["decode dali cuda:0"] = decode_rate("dali", "cuda:0", files)
+            measure("decode dali cuda:0", lambda: decode_rate("dali", "cuda:0", files))
         else:  # an image without DALI still measures everything else, and says what it left out
             rows["decode dali cuda:0"] = None
             not_measured["decode dali cuda:0"] = "nvidia.dali does not import (the 'dali' extra)"
-        rows["decode turbo cpu"] = decode_rate("turbo", "cpu", files)
-        rows["inference torch cuda:0"] = inference_rate("torch", "cuda:0")
-        rows["inference torch cuda:0 batch 256"] = inference_rate("torch", "cuda:0", batch=256, batches=10)
-        rows["inference auto cpu"] = inference_rate("auto", "cpu", batches=3)
-        gpu_run = end_to_end(Path(tmp) / "photos", Path(tmp) / "gpu.jsonl", "--device", "cuda:0", "--engine", "torch")
-        cpu_run = end_to_end(Path(tmp) / "photos", Path(tmp) / "cpu.jsonl")
-        rows["end to end cuda:0"], rows["end to end cpu"] = gpu_run["rate"], cpu_run["rate"]
-        rows["once started cuda:0"], rows["once started cpu"] = gpu_run["started_rate"], cpu_run["started_rate"]
-        agree = sum(gpu_run["top1"].get(k) == v for k, v in cpu_run["top1"].items())
-        report["end_to_end"] = {"gpu": gpu_run, "cpu": cpu_run, "top1_agree": agree, "of": len(cpu_run["top1"])}
-    report["rates"] = rows
-    report["trace"] = overlap_trace(out / "gpu_trace.json")
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
-    print(f"GPU check on {report['machine']['gpu']}")
-    print(f"{'row':<28}{'images/s':>12}")
-    for name, rate in rows.items():
-        print(f"{name:<28}{'not measured' if rate is None else f'{rate:.1f}':>12}")
+        measure("decode turbo cpu", lambda: decode_rate("turbo", "cpu", files))
+        measure("inference torch cuda:0", lambda: inference_rate("torch", "cuda:0"))
+        measure("inference torch cuda:0 batch 256", lambda: inference_rate("torch", "cuda:0", batch=256, batches=10))
+        measure("inference auto cpu", lambda: inference_rate("auto", "cpu", batches=3))
+        runs = {}
+        for name, extra in (("cuda:0", ("--device", "cuda:0", "--engine", "torch")), ("cpu", ())):
+            runs[name] = run = end_to_end(Path(tmp) / "photos", Path(tmp) / f"{name}.jsonl", *extra)
+            report.setdefault("end_to_end", {})[name] = run
+            # A worker restart means the run hid a crash (records are still exactly once): not a clean row.
+            measure(f"end to end {name}", lambda run=run: run["rate"] if run["rc"] == 0 and not run["restarts"]
+                    else None)
+            measure(f"once started {name}", lambda run=run: run["started_rate"])
+        agree = sum(runs["cuda:0"]["top1"].get(k) == v for k, v in runs["cpu"]["top1"].items())
+        report["end_to_end"].update(top1_agree=agree, of=len(runs["cpu"]["top1"]))
+    tr = report["trace"] = measure("trace", lambda: overlap_trace(out / "gpu_trace.json")) or {}
     for name, why in not_measured.items():
         print(f"{name}: not measured: {why}")
-    tr = report["trace"]
-    print(f"trace: H2D on streams {tr['copy_streams']}, kernels on {tr['kernel_streams']}, "
-          f"overlap {tr['overlap_us'] / 1000:.2f} ms; top-1 agreement {agree}/{len(cpu_run['top1'])}")
+    if tr:
+        print(f"trace: H2D on streams {tr['copy_streams']}, kernels on {tr['kernel_streams']}, "
+              f"overlap {tr['overlap_us'] / 1000:.2f} ms")
+    print(f"top-1 agreement cuda:0 vs cpu: {agree}/{len(runs['cpu']['top1'])}")
     if "pytest" in report:
         print(f"pytest -m gpu: exit {report['pytest']['rc']}")
-    ok = report.get("pytest", {}).get("rc", 0) == 0 and gpu_run["rc"] == 0 and tr["overlap_us"] > 0
+    ok = (report.get("pytest", {}).get("rc", 0) == 0 and all(r["rc"] == 0 and not r["restarts"] for r in runs.values())
+          and tr.get("overlap_us", 0) > 0 and agree == len(runs["cpu"]["top1"]))
     return 0 if ok else 1
 
 

@@ -84,6 +84,68 @@ def test_copies_and_compute_overlap_on_different_streams(tmp_path):
     assert seen["overlap_us"] > 0, seen
 
 
+@pytest.mark.gpu
+@requires_gpu
+def test_the_feed_answers_every_batch_once_across_pauses():
+    # The inference process flushes whenever its input pauses (a daemon between requests,
+    # decoders slower than the device) and numbers batches on; the batch after a pause once
+    # tried to answer the flushed one again (KeyError) and the inference process died.
+    from wanwu.bench.gpu_check import PinnedFeed
+
+    feed = PinnedFeed(batch=8)
+    try:
+        n = 0
+        for burst in (3, 1, 1, 2):
+            for _ in range(burst):
+                feed.submit(n)
+                n += 1
+            feed.feed.flush()
+            assert not feed.feed.outstanding()
+        assert feed.answered == [(f"k{i}-0", 8) for i in range(n)]
+    finally:
+        feed.close()
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_the_daemon_on_cuda_answers_requests_that_come_with_pauses(tmp_path):
+    # A daemon's input pauses between every request: each one is a batch that is flushed,
+    # and the next batch must not answer it again. One worker restart would hide a crash.
+    import time
+    import urllib.request
+
+    import zmq
+
+    from wanwu.bench.attacks import Daemon
+
+    cpu = run_wanwu("run", str(REPO / "samples"), "--out", str(tmp_path / "cpu.jsonl"), "--progress", "none")
+    assert cpu.returncode == 0, cpu.stderr
+    expected = _top1(tmp_path / "cpu.jsonl")
+    daemon = Daemon("--device", "cuda:0", "--engine", "torch", "--decoder", "turbo", "--zmq", "tcp://127.0.0.1:0")
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    try:
+        sock.rcvtimeo, sock.linger = 60_000, 0
+        sock.connect(daemon.addresses["zmq_request"])
+        from wanwu.bench.gpu_check import sample_photos
+
+        photos = sample_photos()
+        for round_ in range(3):
+            for i, photo in enumerate(photos):
+                request_id = f"{round_}-{i}".encode()
+                sock.send_multipart([request_id, photo.read_bytes()])
+                rid, reply = sock.recv_multipart()
+                records = json.loads(reply)["records"]
+                assert rid == request_id and records[0]["labels"][0]["class_id"] == expected[photo.name], records
+                time.sleep(0.2)  # the pause: the inference process flushes its last batch
+        with urllib.request.urlopen(f"http://{daemon.addresses['metrics']}/metrics", timeout=10) as response:
+            restarts = [line for line in response.read().decode().splitlines()
+                        if line.startswith("wanwu_worker_restarts_total{") and not line.endswith(" 0.0")]
+        assert not restarts, restarts
+    finally:
+        sock.close()
+        assert daemon.stop() == 0, daemon.stderr[-3000:]
+
+
 def _top1(path):
     return {r["key"]: r["labels"][0]["class_id"] for r in map(json.loads, path.read_text().splitlines())}
 
@@ -94,12 +156,22 @@ def _top1(path):
 def test_wanwu_run_on_cuda_gives_the_cpu_top1_on_real_photos(tmp_path, decoder):
     if decoder == "dali":
         pytest.importorskip("nvidia.dali", reason="nvidia-dali-cuda120 is not installed")
-    cpu = run_wanwu("run", str(REPO / "samples"), "--out", str(tmp_path / "cpu.jsonl"), "--progress", "none")
+    from wanwu.bench.gpu_check import photos_corpus, sample_photos
+
+    # Enough batches, in small ones, that the device runs ahead of the decoders and the
+    # inference process pauses (flushes) and goes on many times within the run.
+    corpus = tmp_path / "photos"
+    photos_corpus(corpus, 24)
+    cpu = run_wanwu("run", str(corpus), "--out", str(tmp_path / "cpu.jsonl"), "--progress", "none")
     assert cpu.returncode == 0, cpu.stderr
-    gpu = run_wanwu("-v", "run", str(REPO / "samples"), "--out", str(tmp_path / "gpu.jsonl"), "--progress", "none",
-                    "--device", "cuda:0", "--engine", "torch", "--decoder", decoder)
+    gpu = run_wanwu("-v", "run", str(corpus), "--out", str(tmp_path / "gpu.jsonl"), "--progress", "none",
+                    "--device", "cuda:0", "--engine", "torch", "--decoder", decoder, "--batch-size", "8",
+                    "--stats-json", str(tmp_path / "stats.json"))
     assert gpu.returncode == 0, gpu.stderr
-    assert _top1(tmp_path / "gpu.jsonl") == _top1(tmp_path / "cpu.jsonl")
+    assert json.loads((tmp_path / "stats.json").read_text())["restarts"] == 0, gpu.stderr
+    top1 = _top1(tmp_path / "gpu.jsonl")
+    assert len(top1) == 24 * len(sample_photos())
+    assert top1 == _top1(tmp_path / "cpu.jsonl")
     placement = "device pool" if decoder == "dali" else "pinned host pool"
     assert placement in gpu.stderr  # the GPU plan's choice, logged by the owner
 

@@ -216,3 +216,39 @@ def test_a_run_of_batches_keeps_every_ordering_rule(placement):
     assert {s.buffer for s in trace} == {0, 1}
     with pytest.raises(PlanError, match="at least 2 buffers, got 0 and 1"):
         batch_steps(pool, 0, buffers=1)
+
+
+@pytest.mark.parametrize("placement", ["pinned", "device"])
+def test_batches_after_a_pause_answer_each_batch_once(placement):
+    """The inference process flushes when its input pauses and then goes on numbering batches.
+
+    This replays the feed's bookkeeping (``CudaFeed``: a batch is outstanding from its
+    submit until its results step) over submits and flushes in a daemon-like pattern; no
+    step may sync on or answer a batch that was answered already (on a device that was a
+    KeyError that ended the inference process at the first batch after any pause).
+    """
+    pool = plan_pool(cpu_plan(), H200, placement == "device", GpuSettings())
+    outstanding: set[int] = set()
+    answered: list[int] = []
+    n = 0
+    for burst in (3, 1, 1, 4, 2):  # batches arriving back to back, then a pause (a flush)
+        for _ in range(burst):
+            steps = batch_steps(pool, n, previous_pending=n - 1 in outstanding)
+            outstanding.add(n)
+            n += 1
+            for step in steps:
+                if step.op == "sync":
+                    assert step.event_batch in outstanding, (step, sorted(outstanding))
+                if step.op == "results":
+                    outstanding.remove(step.batch)
+                    answered.append(step.batch)
+        if n - 1 in outstanding:
+            for step in flush_steps(n - 1):
+                assert step.event_batch in outstanding or step.op == "results"
+                if step.op == "results":
+                    outstanding.remove(step.batch)
+                    answered.append(step.batch)
+    assert answered == list(range(n)) and not outstanding
+    # Back to back, batch n still answers n-1 (the overlap); after a flush it answers nothing.
+    assert batch_steps(pool, 5, previous_pending=False)[-1].op == "release"
+    assert batch_steps(pool, 5)[-1] == Step("host", "results", 4, 0)

@@ -266,8 +266,13 @@ def plan_gpu(plan: Plan, facts: DeviceFacts, decoder: str, engine: str, max_pixe
     return replace(plan, gpu=gpu)
 
 
-def batch_steps(pool: PoolPlan, n: int, buffers: int = BATCH_BUFFERS) -> tuple[Step, ...]:
+def batch_steps(pool: PoolPlan, n: int, buffers: int = BATCH_BUFFERS, previous_pending: bool = True
+                ) -> tuple[Step, ...]:
     """The operations of batch ``n``, in the order the inference process runs them.
+
+    ``previous_pending`` says whether batch n-1 still waits for its results: it does not
+    once :func:`flush_steps` answered it (the input paused), and then batch n finishes
+    nothing but itself.
 
     Enqueue batch n, free its slots once copied, then finish batch n-1, so that n's copy
     and n's compute are queued behind n-1's compute and the GPU never waits for the host.
@@ -290,7 +295,7 @@ def batch_steps(pool: PoolPlan, n: int, buffers: int = BATCH_BUFFERS) -> tuple[S
         steps = [Step("compute", "gather", n, b), Step("compute", "record", n, b, "copied", n)]
     steps += [Step("compute", "compute", n, b), Step("compute", "record", n, b, "computed", n),
               Step("host", "sync", n, b, "copied", n), Step("host", "release", n, b)]
-    if n > 0:
+    if n > 0 and previous_pending:
         steps += [Step("host", "sync", n - 1, (n - 1) % buffers, "computed", n - 1),
                   Step("host", "results", n - 1, (n - 1) % buffers)]
     return tuple(s for s in steps if s.event_batch >= 0 or not s.event)

@@ -80,9 +80,12 @@ class CudaFeed:
     def submit(self, items: list[Decoded]) -> None:
         """Enqueue ``items`` as the next batch; release its slots; finish the batch before it."""
         n = self.next
+        # A flush (the input paused) may have answered batch n-1 already; answering it twice
+        # would read results that are gone.
+        previous_pending = n - 1 in self.batches
         self.batches[n] = _Batch(items, time.perf_counter())
         self.next += 1
-        self._execute(batch_steps(self.gpu.pool, n, self.gpu.batch_buffers))
+        self._execute(batch_steps(self.gpu.pool, n, self.gpu.batch_buffers, previous_pending))
 
     def outstanding(self) -> bool:
         """Whether a submitted batch still waits for its results."""
