@@ -345,3 +345,20 @@ def oriented(im: Image.Image, orientation: int) -> Image.Image:
     tagged = im.copy()
     tagged.info["exif"] = exif_bytes(orientation)
     return ImageOps.exif_transpose(tagged)
+
+
+def test_auto_decoder_on_cuda_falls_back_to_turbo_where_dali_is_not_installed():
+    import subprocess
+    import sys
+
+    # A real interpreter in which nvidia.dali cannot be imported (as on a GPU image without
+    # the 'dali' extra): auto must pick the CPU decoder there rather than fail the job.
+    code = ("import sys; sys.modules['nvidia.dali'] = None; "
+            "from wanwu.stages.decoders.base import resolve_decoder_name as r; "
+            "print(r('auto', 'cuda:0'), r('auto', 'cpu'), r('dali', 'cuda:0'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["turbo", "turbo", "dali"]
+    if HAS_DALI:
+        from wanwu.stages.decoders.base import resolve_decoder_name
+
+        assert resolve_decoder_name("auto", "cuda:0") == "dali"

@@ -86,6 +86,38 @@ def test_copies_and_compute_overlap_on_different_streams(tmp_path):
 
 @pytest.mark.gpu
 @requires_gpu
+def test_cuda_graphs_give_the_eager_answers_on_real_photos():
+    import numpy as np
+    import torch
+
+    from wanwu.bench.gpu_check import sample_photos
+    from wanwu.stages.classifier import Classifier
+    from wanwu.stages.decoders.base import DecodeConfig, create_decoder
+    from wanwu.stages.engines.base import EngineConfig
+    from wanwu.stages.models.base import get_model_spec
+
+    dec = create_decoder("turbo", DecodeConfig())
+    datas = [p.read_bytes() for p in sample_photos()] * 2
+    frames = np.empty((len(datas), *dec.output_spec().shape), np.uint8)
+    dec.decode_batch_into(datas, list(frames))
+    dec.shutdown()
+    clf = Classifier(get_model_spec("efficientnet_lite0"), "torch", EngineConfig(device="cuda:0", max_batch_size=8))
+    clf.load()
+    try:
+        pixels = torch.from_numpy(frames).to("cuda:0")
+        eager = clf.engine.submit_device(pixels).cpu().numpy()
+        clf.engine.capture_graphs((len(datas),))
+        replayed = clf.engine.submit_device(pixels).cpu().numpy()
+        again = clf.engine.submit_device(pixels.flip(0)).cpu().numpy()  # the static input is refilled per call
+    finally:
+        clf.shutdown()
+    assert (replayed.argmax(1) == eager.argmax(1)).all(), (replayed.argmax(1), eager.argmax(1))
+    assert np.abs(replayed - eager).max() < 0.5, np.abs(replayed - eager).max()  # bf16 autocast both ways
+    assert (again.argmax(1) == eager.argmax(1)[::-1]).all()
+
+
+@pytest.mark.gpu
+@requires_gpu
 def test_the_feed_answers_every_batch_once_across_pauses():
     # The inference process flushes whenever its input pauses (a daemon between requests,
     # decoders slower than the device) and numbers batches on; the batch after a pause once

@@ -128,7 +128,9 @@ def test_fallback_chain_per_input_ends_in_an_error_record():
 
 def test_the_planned_default_on_an_h200_is_a_device_pool_fed_to_torch():
     plan = plan_gpu(cpu_plan(), H200, "dali", "torch", 10**8)
-    assert plan.gpu.pool.placement == "device" and plan.gpu.feed == "device" and plan.gpu.graph_batch_sizes == ()
+    assert plan.gpu.pool.placement == "device" and plan.gpu.feed == "device"
+    assert plan.gpu.graph_batch_sizes == (32,)  # CUDA graphs for full batches; partial ones run eagerly
+    assert plan_gpu(cpu_plan(), H200, "dali", "torch", 10**8, GpuSettings(cuda_graphs=False)).gpu.graph_batch_sizes == ()
     assert replace(plan, gpu=None) == cpu_plan()  # the CPU part is untouched
     assert pickle.loads(pickle.dumps(plan)) == plan  # it travels to every worker
 

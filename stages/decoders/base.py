@@ -10,6 +10,8 @@ it never leaves ``out`` half-described: on error the caller discards the slot.
 
 from __future__ import annotations
 
+import importlib.util
+
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -146,15 +148,25 @@ DECODERS.register("turbo", "wanwu.stages.decoders.turbo:TurboDecoder")
 DECODERS.register("dali", "wanwu.stages.decoders.dali:DaliDecoder")
 
 
+def dali_installed() -> bool:
+    """Whether ``nvidia.dali`` can be found (without importing it: that takes seconds)."""
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):  # no "nvidia" package at all, or a module set to None
+        return False
+
+
 def resolve_decoder_name(name: str, device: str = "cpu") -> str:
     """Map ``auto`` to a concrete decoder for ``device``.
 
     On a CPU libjpeg-turbo with DCT-domain downscaling is about twice DALI's CPU
-    decoder on camera-size JPEGs; on a GPU DALI's nvJPEG ("mixed") wins.
+    decoder on camera-size JPEGs; on a GPU DALI's nvJPEG ("mixed") wins where DALI
+    is installed, and without it the CPU decoders feed the GPU (a pinned pool), as
+    ``auto`` engines fall back to one whose backend imports.
     """
     if name != "auto":
         return name
-    return "dali" if device.startswith("cuda") else "turbo"
+    return "dali" if device.startswith("cuda") and dali_installed() else "turbo"
 
 
 def declare_decoder_output(name: str, cfg: DecodeConfig) -> FrameSpec:
