@@ -154,10 +154,12 @@ def test_frame_sources_cpu_decoders_and_other_engines():
 
 def test_cuda_graph_sizes():
     gpu = plan_gpu(cpu_plan(), H200, "dali", "torch", 10**8, GpuSettings(cuda_graphs=True), batch_size=32).gpu
-    assert gpu.graph_batch_sizes == (32,) and gpu.graph_for(32) == 32 and gpu.graph_for(31) == 0
+    # A partial batch replays the smallest captured size that holds it.
+    assert gpu.graph_batch_sizes == (32,) and gpu.graph_for(32) == 32 and gpu.graph_for(31) == gpu.graph_for(1) == 32
     gpu = plan_gpu(cpu_plan(), H200, "dali", "torch", 10**8,
                    GpuSettings(cuda_graphs=True, graph_batch_sizes=(16, 8, 16)), batch_size=16).gpu
     assert gpu.graph_batch_sizes == (8, 16)
+    assert [gpu.graph_for(n) for n in (1, 8, 9, 16, 17)] == [8, 8, 16, 16, 0]
     with pytest.raises(PlanError, match=r"up to the batch size 8, got \(16,\)"):
         plan_gpu(cpu_plan(), H200, "dali", "torch", 10**8, GpuSettings(cuda_graphs=True, graph_batch_sizes=(16,)),
                  batch_size=8)

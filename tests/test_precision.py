@@ -94,3 +94,40 @@ def test_compare_counts_agreement_and_overlap():
     other[0, 1] = 4.0  # top-1 changes in row 0; the top 5 stay the same set
     agree, overlap, diff = compare(other, ref)
     assert (agree, overlap, diff) == (0.5, 1.0, 2.0)
+
+
+def test_padded_rows_keep_the_recheck_to_a_few_shapes():
+    from wanwu.stages.engines.torch_cuda import padded_rows
+
+    def padded(rows: list[int], limit: int) -> list[int]:
+        return padded_rows(np.array(rows, np.intp), limit).tolist()
+
+    assert padded([5], 32) == [5]
+    assert padded([1, 4, 6], 32) == [1, 4, 6, 1]  # to the next power of two, with the first row
+    assert padded([0, 1, 2, 3, 4], 6) == [0, 1, 2, 3, 4, 0]  # at most the batch
+    assert padded(list(range(7)), 6) == list(range(7))  # never fewer rows than asked for
+    assert padded([], 8) == []
+
+
+def test_the_device_recheck_recomputes_exactly_the_near_ties_in_fp32(tmp_path):
+    # recheck_device is the GPU feed's; it runs the same on a CPU device, so its row
+    # selection and padding are checked here (a GPU run checks the device itself).
+    import torch
+
+    spec = get_model_spec("efficientnet_lite0")
+    batch = decode_batch(sorted((REPO / "samples").glob("*.jpg")), spec)[:4]
+    engine = create_engine("torch", spec, EngineConfig(precision="auto", max_batch_size=4, cache_dir=str(tmp_path),
+                                                       recheck_margin=0.5))
+    engine.load()
+    try:
+        if engine.precision == "fp32":
+            pytest.skip("this CPU has no native bf16: auto runs fp32 and nothing is rechecked")
+        exact = engine._infer_exact(batch)
+        logits = np.zeros((4, spec.num_classes), np.float32)
+        logits[:, :2] = [[1.0, 0.9], [1.0, 0.8], [2.0, 0.1], [1.0, 0.95]]  # rows 0, 1 and 3 are near ties
+        out = engine.recheck_device(torch.from_numpy(batch), logits)
+    finally:
+        engine.shutdown()
+    assert engine.last_exact.tolist() == [0, 1, 3]  # three rows, run as four (padded)
+    np.testing.assert_allclose(out[[0, 1, 3]], exact[[0, 1, 3]], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(out[2], logits[2])

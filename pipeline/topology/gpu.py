@@ -132,8 +132,8 @@ class GpuPlan:
     batch_buffers: int = BATCH_BUFFERS
 
     def graph_for(self, n: int) -> int:
-        """The captured batch size a batch of ``n`` replays, or 0 to run it eagerly."""
-        return n if n in self.graph_batch_sizes else 0
+        """The captured batch size a batch of ``n`` replays (the smallest that holds it), or 0 to run it eagerly."""
+        return min((s for s in self.graph_batch_sizes if s >= n), default=0)
 
 
 @dataclass(frozen=True)

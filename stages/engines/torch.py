@@ -110,14 +110,15 @@ class TorchEngine(Engine):
 
     def recheck_device(self, pixels: torch.Tensor, logits: np.ndarray) -> np.ndarray:
         """``logits`` of ``pixels`` with the near ties recomputed in fp32 (as ``infer`` does on the host)."""
-        from wanwu.stages.engines.torch_cuda import recheck_rows
+        from wanwu.stages.engines.torch_cuda import padded_rows, recheck_rows
 
         self.last_exact = recheck_rows(logits, self.cfg.margin_for(self._compute)) if self._recheck else \
             np.empty(0, np.intp)
         if self.last_exact.size:
-            rows = torch.as_tensor(self.last_exact, device=self._device)
+            k = self.last_exact.size
+            rows = torch.as_tensor(padded_rows(self.last_exact, pixels.shape[0]), device=self._device)
             with torch.inference_mode():
-                exact = self._module(pixels.index_select(0, rows)).float().cpu().numpy()
+                exact = self._module(pixels.index_select(0, rows))[:k].float().cpu().numpy()
             logits = np.array(logits)
             logits[self.last_exact] = exact
             self.rechecked += int(self.last_exact.size)

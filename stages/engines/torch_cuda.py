@@ -9,7 +9,7 @@ Imported only on CUDA.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,11 @@ class CudaGraphs:
 
     A replay costs one launch instead of one per kernel, which matters for small
     models at small batches. Inputs are copied into the static buffer on the
-    current stream (a device-to-device copy of a few MB).
+    current stream (a device-to-device copy of a few MB). A partial batch replays
+    the smallest captured size that holds it: the rows past it hold earlier frames,
+    computed and dropped (rows are independent in eval mode). On an H200 a replay of
+    32 took 4.8 ms, an eager batch of 8 (some 250 kernel launches) 7.5 ms, so the
+    padding costs less than the launches it saves.
     """
 
     def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...], device: torch.device,
@@ -46,15 +50,38 @@ class CudaGraphs:
             self._graphs[n] = (graph, static_in, static_out)
         logger.info("CUDA graphs captured for batch sizes %s", sorted(self._graphs))
 
+    def size_for(self, n: int) -> int:
+        """The captured batch size a batch of ``n`` replays, or 0 when none holds it."""
+        return smallest_at_least(n, self._graphs)
+
     def __contains__(self, n: int) -> bool:
-        return n in self._graphs
+        return self.size_for(n) > 0
 
     def replay(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Logits for ``pixels`` (its batch size captured); valid until the next replay of that size."""
-        graph, static_in, static_out = self._graphs[pixels.shape[0]]
-        static_in.copy_(pixels, non_blocking=True)
+        """Logits for ``pixels`` (a size some graph holds); valid until the next replay of that graph."""
+        n = pixels.shape[0]
+        graph, static_in, static_out = self._graphs[self.size_for(n)]
+        static_in[:n].copy_(pixels, non_blocking=True)
         graph.replay()
-        return static_out
+        return static_out[:n]
+
+
+def smallest_at_least(n: int, sizes: Iterable[int]) -> int:
+    """The smallest of ``sizes`` that is at least ``n``, or 0 when none is."""
+    return min((s for s in sizes if s >= n), default=0)
+
+
+def padded_rows(rows: np.ndarray, limit: int) -> np.ndarray:
+    """``rows`` padded (with its first row) to the next power of two, at most ``limit`` and never fewer.
+
+    The fp32 recheck runs on however many rows were near ties; padding keeps the shapes
+    it runs to a handful (1, 2, 4, ... ``limit``), since cuDNN and cuBLAS build their
+    plans per shape and a new shape costs far more than a few extra rows.
+    """
+    if not rows.size:
+        return rows
+    size = max(rows.size, min(limit, 1 << (rows.size - 1).bit_length()))
+    return np.concatenate([rows, np.full(size - rows.size, rows[0], rows.dtype)])
 
 
 def recheck_rows(logits: np.ndarray, margin: float) -> np.ndarray:
