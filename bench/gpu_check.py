@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         agree = sum(runs["cuda:0"]["top1"].get(k) == v for k, v in runs["cpu"]["top1"].items())
         report["end_to_end"].update(top1_agree=agree, of=len(runs["cpu"]["top1"]))
     tr = report["trace"] = measure("trace", lambda: overlap_trace(out / "gpu_trace.json")) or {}
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
     for name, why in not_measured.items():
         print(f"{name}: not measured: {why}")
     if tr:
