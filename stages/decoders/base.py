@@ -11,7 +11,6 @@ it never leaves ``out`` half-described: on error the caller discards the slot.
 from __future__ import annotations
 
 import importlib.util
-
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
