@@ -193,6 +193,35 @@ def test_sqlite_refuses_a_foreign_database(tmp_path: Path) -> None:
         SqliteSink(str(tmp_path / "junk.sqlite")).open()
 
 
+NEW_OUTPUTS = textwrap.dedent("""
+    import sys
+    from wanwu.stages.sinks.sqlite import SqliteSink
+    for i in range(int(sys.argv[2])):
+        sink = SqliteSink(f"{sys.argv[1]}/{i}.sqlite")
+        sink.open()
+        sink.shutdown()
+""")
+
+
+def test_a_new_sqlite_output_is_never_seen_without_its_table(tmp_path: Path) -> None:
+    # A reader (wanwu show, a dashboard) that opens an output the moment it appears must
+    # find it empty, not "no such table": SQLite creates the file before the table, and
+    # this reader saw that state for about half of the outputs before they were linked
+    # into place whole.
+    n = 200
+    writer = subprocess.Popen([sys.executable, "-c", NEW_OUTPUTS, str(tmp_path), str(n)])
+    try:
+        for i in range(n):
+            path = tmp_path / f"{i}.sqlite"
+            while not path.exists():
+                assert writer.poll() in (None, 0), "the writer failed"
+            assert SqliteSink.read_records(str(path)) == []
+    finally:
+        writer.wait(60)
+    assert writer.returncode == 0
+    assert not list(tmp_path.glob("*.creating*"))  # no temporary file left behind
+
+
 KILLED_WRITER = textwrap.dedent("""
     import os, signal, sys
     from wanwu.stages.sinks.base import create_sink

@@ -72,6 +72,8 @@ class SqliteSink(Sink):
                 os.makedirs(directory, exist_ok=True)
             except OSError as exc:
                 raise SinkError(f"cannot create the folder for {self.path!r}: {exc}") from exc
+            if not os.path.exists(self.path):
+                _create(self.path)
             conn = _connect(self.path)
             try:
                 _prepare(conn, self.path, self.fsync)
@@ -161,6 +163,35 @@ def _connect(path: str) -> sqlite3.Connection:
         )
     except sqlite3.Error as exc:
         raise SinkError(f"cannot open {path!r} as an SQLite output: {exc}") from exc
+
+
+def _create(path: str) -> None:
+    """Create the output with its table under a temporary name, then link it into place.
+
+    SQLite creates an empty file at ``connect`` and the table only later, so a reader
+    (``wanwu show``, a dashboard, a test) that opened the output in between saw a database
+    without ``results``. Linked into place whole, the output either does not exist yet or
+    has its table. ``link`` (not ``rename``) never replaces an output another process
+    created meanwhile: then that one is used.
+    """
+    tmp = f"{path}.{os.getpid()}.creating"
+    conn = _connect(tmp)
+    try:
+        _prepare(conn, path, fsync=False)
+    finally:
+        conn.close()  # the last connection checkpoints the WAL into the file
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    except OSError as exc:  # no hard links on this file system: open() creates it in place
+        logger.debug("cannot link %s into place (%s); creating it in place", path, exc)
+    finally:
+        for name in (tmp, f"{tmp}-wal", f"{tmp}-shm"):
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
 
 
 def _prepare(conn: sqlite3.Connection, path: str, fsync: bool) -> None:
