@@ -67,18 +67,22 @@ def test_an_endless_frame_source_stopped_by_sigterm_has_one_record_per_frame(tmp
     proc = subprocess.Popen(wanwu_cmd("run", "testsrc:", "--out", str(out), "--progress", "none",
                                       "--batch-size", "8"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while (len(read_records(str(out))) if out.exists() else 0) < 40:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no records"
-        time.sleep(0.1)
-    workers = children_of(proc.pid)
-    roles = {cmd.split("wanwu.pipeline.workers", 1)[1].split()[0]: pid for pid, cmd in workers.items()}
-    assert sorted(roles) == ["inference", "loader", "sink"]  # no decoders: the loader writes the frames itself
-    # The frames travel through the shared pool: the loader writes it, inference reads it, the sink has none.
-    assert set(_pool_mappers(proc.pid)) & set(workers) == {roles["loader"], roles["inference"]}
-    os.killpg(proc.pid, signal.SIGTERM)  # as systemd and `timeout` do: every process of the job
-    _, stderr = proc.communicate(timeout=60)
+    try:  # the source never ends: a failed assertion must not leave the job running for ever
+        deadline = time.monotonic() + 120
+        while (len(read_records(str(out))) if out.exists() else 0) < 40:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no records"
+            time.sleep(0.1)
+        workers = children_of(proc.pid)
+        roles = {cmd.split("wanwu.pipeline.workers", 1)[1].split()[0]: pid for pid, cmd in workers.items()}
+        assert sorted(roles) == ["inference", "loader", "sink"]  # no decoders: the loader writes the frames itself
+        # The frames travel through the shared pool: the loader writes it, inference reads it, the sink has none.
+        assert set(_pool_mappers(proc.pid)) & set(workers) == {roles["loader"], roles["inference"]}
+        os.killpg(proc.pid, signal.SIGTERM)  # as systemd and `timeout` do: every process of the job
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, stderr  # an endless source's normal end
     records = read_records(str(out))
     keys = [r["key"] for r in records]
