@@ -127,7 +127,7 @@ class PinnedFeed:
     """A ``CudaFeed`` over a pinned pool of random frames, as the inference process builds it.
 
     ``submit(n)`` sends batch ``n`` (slots alternate between two halves of the pool);
-    ``answered`` lists each answered batch's first key, in answer order.
+    ``answered`` holds (first key, number of records) per answered batch, in answer order.
     """
 
     def __init__(self, batch: int = 32, graphs: bool = True) -> None:
