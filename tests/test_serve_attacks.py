@@ -184,6 +184,17 @@ def test_a_frozen_inference_worker_is_detected_and_replaced(daemon, image):
     assert metric(metrics, "wanwu_ready") == 1
 
 
+def test_the_ready_gauge_agrees_the_moment_the_daemon_says_it_is_ready():
+    # The gauge was set on the dispatcher's next tick only, so a scrape right after the
+    # daemon announced itself (or right after a replacement's first answer) read 0.
+    for _ in range(3):
+        served = Served("--decoders", "1")
+        try:
+            assert metric(served.addresses["metrics"], "wanwu_ready") == 1  # at once: no waiting for a tick
+        finally:
+            assert served.stop() == 0, served.stderr[-3000:]
+
+
 def test_a_second_sigterm_during_the_drain_does_not_cut_it_short(image):
     """Supervisors retry SIGTERM and people press Ctrl-C twice: the drain still ends cleanly."""
     served = Served("--decoders", "1")

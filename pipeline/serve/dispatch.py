@@ -305,9 +305,13 @@ class PipelineBackend:
                 ready = dict(poller.poll(POLL_MS))
                 if ready.get(self._waker.fd):
                     self._waker.drain()
-                self._take_results(results)
+                # Events before results: a worker's READY was sent before any answer it gave, so
+                # readiness (and its gauge) is up to date before a client can see that answer.
                 for event in topology.poll(0):
                     self._on_event(event)
+                    if event.kind is EventKind.READY:
+                        self._refresh_ready(topology)
+                self._take_results(results)
                 self._send_work(work)
                 now = time.monotonic()
                 if now - last_check >= POLL_MS / 1000.0:
@@ -353,7 +357,6 @@ class PipelineBackend:
 
     def _on_event(self, event: Event) -> None:
         if event.kind is EventKind.READY and event.stage == "inference":
-            self._inference_ready = True
             self._started.set()
         elif event.kind is EventKind.BATCH:
             size, queue_s, compute_s = event.data["size"], event.data["queue_s"], event.data["compute_s"]
@@ -373,14 +376,22 @@ class PipelineBackend:
         restart = topology.supervise()  # raises StageError when a worker cannot be kept running
         if restart is not None:
             self._on_restart(restart, now)
-        self._inference_ready = topology.ready("inference")
-        # A camera that is down does not make the daemon unready: only the model and the decoders count.
-        self._decoders_ready = any(topology.ready(name) for name in topology.positions if name.startswith("decoder"))
-        if self.metrics:  # set from the same facts as ready(), every tick: they cannot disagree for long
-            self.metrics.ready.set(1 if self.ready() else 0)
+        self._refresh_ready(topology)
         with self._lock:
             failed = self._inflight.sweep(now)
         self._fail(failed, StageError("the worker process holding this image died twice"))
+
+    def _refresh_ready(self, topology: Topology) -> None:
+        """``ready()``'s worker facts and the ``wanwu_ready`` gauge, from the same facts: on every
+        READY event and every tick. The gauge is set first, so it never says ready before ``ready()`` does
+        (the daemon announces itself once ``ready()`` holds, and a scrape right then must agree)."""
+        inference = topology.ready("inference")
+        # A camera that is down does not make the daemon unready: only the model and the decoders count.
+        decoders = any(topology.ready(name) for name in topology.positions if name.startswith("decoder"))
+        if self.metrics:
+            up = self._started.is_set() and not self._draining and not self.failure and inference and decoders
+            self.metrics.ready.set(1 if up else 0)
+        self._inference_ready, self._decoders_ready = inference, decoders
 
     def _on_restart(self, restart: Restart, now: float) -> None:
         if self.metrics:
