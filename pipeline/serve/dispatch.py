@@ -172,8 +172,11 @@ class PipelineBackend:
 
     def ready(self) -> bool:
         """Started, not draining, and able to serve now: the inference process and a decoder are up."""
-        return (self._started.is_set() and not self._draining and not self.failure and self._inference_ready
-                and self._decoders_ready)
+        return self._ready_with(self._inference_ready, self._decoders_ready)
+
+    def _ready_with(self, inference: bool, decoders: bool) -> bool:
+        """``ready()`` for these worker facts."""
+        return self._started.is_set() and not self._draining and not self.failure and inference and decoders
 
     def stats(self) -> dict:
         return self._stats.snapshot()
@@ -389,8 +392,7 @@ class PipelineBackend:
         # A camera that is down does not make the daemon unready: only the model and the decoders count.
         decoders = any(topology.ready(name) for name in topology.positions if name.startswith("decoder"))
         if self.metrics:
-            up = self._started.is_set() and not self._draining and not self.failure and inference and decoders
-            self.metrics.ready.set(1 if up else 0)
+            self.metrics.ready.set(1 if self._ready_with(inference, decoders) else 0)
         self._inference_ready, self._decoders_ready = inference, decoders
 
     def _on_restart(self, restart: Restart, now: float) -> None:
