@@ -109,6 +109,17 @@ def test_padded_rows_keep_the_recheck_to_a_few_shapes():
     assert padded([], 8) == []
 
 
+@pytest.mark.parametrize("limit", [1, 6, 8, 32, 33])
+def test_the_warmed_recheck_sizes_are_every_size_the_padding_makes(limit):
+    # warm_recheck runs these sizes before the first batch; a size it missed would pay
+    # for a new cuDNN shape in the middle of a job.
+    from wanwu.stages.engines.torch_cuda import padded_rows, recheck_sizes
+
+    made = {padded_rows(np.arange(k, dtype=np.intp), limit).size for k in range(1, limit + 1)}
+    assert made == set(recheck_sizes(limit))
+    assert len(recheck_sizes(limit)) <= limit.bit_length() + 1
+
+
 def test_the_device_recheck_recomputes_exactly_the_near_ties_in_fp32(tmp_path):
     # recheck_device is the GPU feed's; it runs the same on a CPU device, so its row
     # selection and padding are checked here (a GPU run checks the device itself).
@@ -123,6 +134,11 @@ def test_the_device_recheck_recomputes_exactly_the_near_ties_in_fp32(tmp_path):
         if engine.precision == "fp32":
             pytest.skip("this CPU has no native bf16: auto runs fp32 and nothing is rechecked")
         exact = engine._infer_exact(batch)
+        seen: list[int] = []
+        hook = engine._module.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[0]))
+        engine.warm_recheck(4)
+        hook.remove()
+        assert seen == [1, 2, 4]  # every row count the padded recheck can run, once, before any batch
         logits = np.zeros((4, spec.num_classes), np.float32)
         logits[:, :2] = [[1.0, 0.9], [1.0, 0.8], [2.0, 0.1], [1.0, 0.95]]  # rows 0, 1 and 3 are near ties
         out = engine.recheck_device(torch.from_numpy(batch), logits)

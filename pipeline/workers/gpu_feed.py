@@ -73,6 +73,7 @@ class CudaFeed:
             self.host_frames = torch.from_numpy(pool.frames)
         with torch.cuda.stream(self.compute_stream):
             engine.capture_graphs(gpu.graph_batch_sizes)
+            engine.warm_recheck(max_batch)
         self.compute_stream.synchronize()
         self.batches: dict[int, _Batch] = {}
         self.next = 0  # number of the next batch

@@ -108,6 +108,22 @@ class TorchEngine(Engine):
         graphs = getattr(self, "_graphs", None)
         return graphs.replay(pixels) if graphs is not None and pixels.shape[0] in graphs else self._forward(pixels)
 
+    def warm_recheck(self, max_batch: int) -> None:
+        """Run the fp32 recheck once at each row count it can take (CUDA: before the first batch).
+
+        cuDNN and cuBLAS choose (and may compile) their kernels on a shape's first run, which
+        can cost far more than the run itself; without this the first batches of a job would
+        each pay for a new shape. No-op without a recheck.
+        """
+        if not self._recheck:
+            return
+        from wanwu.stages.engines.torch_cuda import recheck_sizes
+
+        shape = self.input_spec().shape
+        with torch.inference_mode():
+            for n in recheck_sizes(max_batch):
+                self._module(torch.zeros((n, *shape), dtype=torch.uint8, device=self._device))
+
     def recheck_device(self, pixels: torch.Tensor, logits: np.ndarray) -> np.ndarray:
         """``logits`` of ``pixels`` with the near ties recomputed in fp32 (as ``infer`` does on the host)."""
         from wanwu.stages.engines.torch_cuda import padded_rows, recheck_rows

@@ -85,6 +85,11 @@ def padded_rows(rows: np.ndarray, limit: int) -> np.ndarray:
     return np.concatenate([rows, np.full(size - rows.size, rows[0], rows.dtype)])
 
 
+def recheck_sizes(limit: int) -> tuple[int, ...]:
+    """Every row count :func:`padded_rows` can return for a batch of at most ``limit`` rows."""
+    return tuple(sorted({min(limit, 1 << k) for k in range(limit.bit_length() + 1)}))
+
+
 def recheck_rows(logits: np.ndarray, margin: float) -> np.ndarray:
     """Rows whose two best logits are closer than ``margin`` (the engine base's rule)."""
     if logits.shape[1] < 2:
