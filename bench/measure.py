@@ -19,6 +19,10 @@ def main(argv: list[str]) -> int:
         from wanwu.bench.gate import timed_run
 
         result = timed_run(args["inputs"], args["out"], args["options"])
+    elif kind == "api":
+        from wanwu.bench.stages import api_rate
+
+        result = {"rate": api_rate(paths, args["options"])}
     elif kind == "baseline":
         from wanwu.bench.baselines import RUNNERS, Settings
 

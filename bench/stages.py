@@ -103,6 +103,23 @@ def inference_rate(n_images: int, batch_size: int = 32, engine: str = "auto", th
     return rate, label
 
 
+def api_rate(paths: Sequence[Path], options: dict) -> float:
+    """Images/s of ``wanwu.Recognizer.map`` over ``paths``, timed once the model is loaded.
+
+    Raises:
+        SystemExit: an image got no answer (an error record): the rate would be of another job.
+    """
+    from wanwu import Recognizer
+
+    with Recognizer(**options) as wanwu:
+        t0 = time.perf_counter()
+        errors = [r.error for r in wanwu.map(paths) if r.error is not None]
+        rate = len(paths) / (time.perf_counter() - t0)
+    if errors:
+        raise SystemExit(f"expected every image recognised by the Python API, got {len(errors)} errors: {errors[0]}")
+    return rate
+
+
 def precision_agreement(paths: Sequence[Path], precisions: Sequence[str], engine: str = "openvino",
                         model: str = "efficientnet_lite0", batch_size: int = 32) -> dict[str, dict[str, float]]:
     """Top-1 agreement with fp32 of each of ``precisions`` on ``paths``, decoded as the pipeline does.

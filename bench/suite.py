@@ -168,7 +168,7 @@ def run_suite(cfg: BenchConfig) -> dict:
                                         "name": row.name, "settings": asdict(_settings(row, cpuinfo, cores))})
              for row in baselines]
     decode, decode_lmdb, inference = Row("decode only"), Row("decode only lmdb-256"), Row("inference only")
-    run_folder, run_lmdb = Row("wanwu"), Row("wanwu lmdb-256")
+    run_folder, run_lmdb, api = Row("wanwu"), Row("wanwu lmdb-256"), Row("wanwu python api")
     # The result cache: a rerun of the corpus with the cache its warm-up filled, and a corpus of
     # which half are repeats of the other half (the same bytes under other names), without and
     # with a cache that starts empty every run.
@@ -181,6 +181,7 @@ def run_suite(cfg: BenchConfig) -> dict:
         _measure(inference, "inference", {**common, "batch_size": 32, "engine": "auto"}),
         _wanwu(run_folder, [str(workdir / f"corpus-{cfg.images}")], workdir),
         _wanwu(run_lmdb, [str(archive)], workdir),
+        _measure(api, "api", {**common, "options": {}}),
         _wanwu(warm, [str(workdir / f"corpus-{cfg.images}")], workdir, {"cache": str(workdir / "cache-warm")}),
         _wanwu(repeats, [str(repeat_folder)], workdir),
         _wanwu(repeats_cached, [str(repeat_folder)], workdir, {"cache": str(workdir / "cache-cold")}, cold_cache=True),
@@ -190,10 +191,11 @@ def run_suite(cfg: BenchConfig) -> dict:
         row.extra["settings"] = f"{cores} processes, {row.extra.pop('decoder', '?')} decoder"
     inference.extra["settings"] = f"{inference.extra.get('engine', '?')}, batch 32"
     # Each job's limit is that of its own stages: the archive holds smaller JPEGs.
-    for row, decoded in ((run_folder, decode), (run_lmdb, decode_lmdb)):
+    for row, decoded in ((run_folder, decode), (run_lmdb, decode_lmdb), (api, decode)):
         row.extra["limit_images_per_s"] = limit(decoded.rate, inference.rate)
         row.extra["of_limit"] = row.rate / row.extra["limit_images_per_s"]
         row.extra["settings"] = f"wanwu run defaults: {cores} decoders, {inference.extra.get('engine', '?')}"
+    api.extra["settings"] = f"Recognizer().map(paths) defaults: {cores} decoders, {inference.extra.get('engine', '?')}"
     memory = {}
     for n in cfg.memory_images:
         folder = _symlink_corpus(paths, workdir / f"links-{n}", n)
@@ -204,7 +206,7 @@ def run_suite(cfg: BenchConfig) -> dict:
         row.extra["settings"] = {"wanwu cache warm": "--cache, filled by its warm-up run",
                                  "wanwu 50% repeats": "no cache", "wanwu 50% repeats cached": "--cache, empty at start"}[
             row.name]
-    rows = baselines + [decode, decode_lmdb, inference, run_folder, run_lmdb, warm, repeats, repeats_cached]
+    rows = baselines + [decode, decode_lmdb, inference, run_folder, run_lmdb, api, warm, repeats, repeats_cached]
     rows += _precision_rows(cfg, common, workdir / f"corpus-{cfg.images}", workdir)
     return {
         "machine": machine_description(),

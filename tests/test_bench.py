@@ -105,7 +105,8 @@ def test_bench_quick_runs_and_writes_its_reports(tmp_path) -> None:
     result = json.loads((tmp_path / "out" / "bench.json").read_text(encoding="utf-8"))
     names = [row["name"] for row in result["rows"]]
     assert names == ["naive", "dataloader", "openvino dataloader", "decode only", "decode only lmdb-256",
-                     "inference only", "wanwu", "wanwu lmdb-256", "wanwu cache warm", "wanwu 50% repeats",
+                     "inference only", "wanwu", "wanwu lmdb-256", "wanwu python api", "wanwu cache warm",
+                     "wanwu 50% repeats",
                      "wanwu 50% repeats cached"]
     assert all(row["images_per_s"] > 0 and row["peak_rss_mb"] > 0 and row["settings"] for row in result["rows"])
     by = {row["name"]: row for row in result["rows"]}
@@ -113,7 +114,8 @@ def test_bench_quick_runs_and_writes_its_reports(tmp_path) -> None:
     assert {by[name]["precision"] for name in BASELINES} == {expected}
     assert by["openvino dataloader"]["settings"].startswith(f"openvino {expected}")
     inference = by["inference only"]["images_per_s"]
-    for name, decode in (("wanwu", "decode only"), ("wanwu lmdb-256", "decode only lmdb-256")):
+    for name, decode in (("wanwu", "decode only"), ("wanwu lmdb-256", "decode only lmdb-256"),
+                         ("wanwu python api", "decode only")):
         # each job's limit from its own stages
         assert by[name]["limit_images_per_s"] == pytest.approx(limit(by[decode]["images_per_s"], inference))
         assert by[name]["of_limit"] == pytest.approx(by[name]["images_per_s"] / by[name]["limit_images_per_s"])

@@ -10,3 +10,13 @@ The package is laid out by architecture:
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ``from wanwu import Recognizer`` without importing the pipeline (ZeroMQ, the engines)
+    # on a plain ``import wanwu``.
+    if name == "Recognizer":
+        from wanwu.pipeline.api import Recognizer
+
+        return Recognizer
+    raise AttributeError(f"module 'wanwu' has no attribute {name!r}")

@@ -91,6 +91,8 @@ def _toml(cfg) -> str:
 
     lines = []
     for f in dataclasses.fields(cfg):
+        if f.name == "python":  # the Python API's door, never a daemon setting
+            continue
         value = getattr(cfg, f.name)
         text = json.dumps(list(value) if isinstance(value, tuple) else value, ensure_ascii=False)
         lines.append(f"{f.name} = {text}")

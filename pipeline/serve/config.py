@@ -62,6 +62,7 @@ class ServeConfig(PipelineConfig):
     curve_secret_key: str = ""  # zmq.auth certificate file with the server's secret key
     curve_clients: str = ""  # folder of allowed client public certificates
     watch: str = ""  # hot folder
+    python: bool = False  # the Python API (``wanwu.Recognizer``) is the door: set by it, not by users
     watch_done: str = ""  # move recognised files here ("" = leave them)
     watch_failed: str = ""  # move files that got an error record here
     watch_settle_s: float = 0.5  # a file is complete once unchanged this long
@@ -83,7 +84,7 @@ class ServeConfig(PipelineConfig):
         if self.max_queue_size < self.max_images_per_request:
             raise ConfigError(f"max_queue_size ({self.max_queue_size}) must hold at least one full request "
                               f"(max_images_per_request = {self.max_images_per_request})")
-        if not (self.http or self.grpc_port >= 0 or self.zmq_request or self.zmq_stream or self.watch):
+        if not (self.http or self.grpc_port >= 0 or self.zmq_request or self.zmq_stream or self.watch or self.python):
             raise ConfigError("expected at least one front door (HTTP, gRPC, zmq_request, zmq_stream or watch), "
                               "got none")
         if not self.stall_timeout_s > 0:
@@ -165,9 +166,10 @@ class ServeConfig(PipelineConfig):
         """A config from a dict of field values, checking names and types."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values = {_ALIASES.get(name, name): value for name, value in values.items()}
-        unknown = sorted(set(values) - set(fields))
+        settable = set(fields) - {"python"}  # the Python API's own door, never a setting
+        unknown = sorted(set(values) - settable)
         if unknown:
-            raise ConfigError(f"unknown serve settings {unknown}; expected some of {sorted(fields)}")
+            raise ConfigError(f"unknown serve settings {unknown}; expected some of {sorted(settable)}")
         clean: dict[str, Any] = {}
         for name, value in values.items():
             default = fields[name].default
