@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import Served, jpeg_bytes
+from conftest import Served, children_of, jpeg_bytes
 from wanwu.bench.attacks import (Flood, ProcessSampler, binary_count_bomb, infer_seconds, json_amplification_body,
                                  metric, pid_of, raw_post, statuses_during_drain, zmq_big_message)
 
@@ -181,6 +181,27 @@ def test_a_frozen_inference_worker_is_detected_and_replaced(daemon, image):
             pass
     assert not os.path.exists(f"/proc/{frozen}") or open(f"/proc/{frozen}/stat").read().split()[2] == "Z"
     assert infer_seconds(daemon.url, image, timeout_s=60) < 30  # the replacement answers
+    assert metric(metrics, "wanwu_ready") == 1
+
+
+def test_a_daemon_frozen_whole_and_resumed_keeps_its_workers(daemon, image):
+    # Ctrl-Z then fg, SIGSTOP of the process group, a paused container: the workers were
+    # frozen with the supervisor, so their silence says nothing. The watchdog used to kill
+    # every one of them as stuck on resume.
+    metrics = daemon.addresses["metrics"]
+    restarts = {stage: metric(metrics, "wanwu_worker_restarts_total", f'stage="{stage}"')
+                for stage in ("decoder", "inference")}
+    family = [daemon.proc.pid, *children_of(daemon.proc.pid)]
+    for pid in family:
+        os.kill(pid, signal.SIGSTOP)
+    time.sleep(4 + 4)  # twice the stall timeout (4 s)
+    for pid in reversed(family):
+        os.kill(pid, signal.SIGCONT)
+    time.sleep(4 + 3)  # past the fresh stall timeout, with beats coming in again
+    assert infer_seconds(daemon.url, image, timeout_s=30) < 10
+    for stage, before in restarts.items():
+        assert metric(metrics, "wanwu_worker_restarts_total", f'stage="{stage}"') == before, stage
+    assert set(children_of(daemon.proc.pid)) == set(family[1:])  # the very same processes
     assert metric(metrics, "wanwu_ready") == 1
 
 

@@ -26,7 +26,9 @@ Restart rules, chosen so that no slot is ever read while someone writes it:
 * the watchdog: every worker beats once a second from a thread of its own, with
   how long its work in progress has run. A restartable worker whose beats stop
   (a frozen process) or whose one piece of work outlasts ``stall_timeout_s`` (a
-  hang) is killed, and so replaced by the rules above.
+  hang) is killed, and so replaced by the rules above. When the owner finds that it
+  did not run itself for a while (the whole job or daemon was stopped with Ctrl-Z or
+  SIGSTOP, or starved), every worker gets a fresh stall timeout instead.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ from wanwu.pipeline.workers.base import WorkerSpec, spawn
 logger = logging.getLogger(__name__)
 
 RESTARTABLE = frozenset({"decoder", "inference"})  # roles whose death the topology repairs
+# The owner looks at least every 0.1 s: a longer pause means it was frozen itself (Ctrl-Z and
+# fg, SIGSTOP of the process group, a paused container or VM) or starved of CPU.
+OWNER_PAUSE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,8 @@ class Topology:
         self._stalled: list[str] = []  # killed by the watchdog, not yet reported in a Restart
         self.restarts = 0
         self.stalls = 0  # workers the watchdog killed
+        self._last_watch = 0.0  # monotonic time of the watchdog's last look
+        self._grace_until = 0.0  # no stall verdicts before this (the owner itself was frozen)
         self.spawn_failures = 0  # replacements that could not be spawned (and were tried again later)
         self.stopping = False
 
@@ -264,6 +271,19 @@ class Topology:
     def _watch(self, now: float) -> None:
         """The watchdog: kill restartable workers that stopped beating, or hang in one piece of work."""
         limit = self.policy.stall_timeout_s
+        paused = now - self._last_watch if self._last_watch else 0.0
+        self._last_watch = now
+        if paused > OWNER_PAUSE_S:
+            # The workers were most likely frozen with us, and their beats could not arrive while
+            # we were: judging their silence (or the work they report, timed across the pause)
+            # now would kill every healthy worker. Each gets a full stall timeout from now.
+            logger.warning("the supervisor did not run for %.0f s (stopped or starved); the stall clock "
+                           "starts again for every worker", paused)
+            self._grace_until = now + limit
+            for position in self.positions.values():
+                position.last_seen = max(position.last_seen, now)
+        if now < self._grace_until:
+            return
         for position in self.positions.values():
             if not (position.restartable and position.ready and position.alive()):
                 continue
