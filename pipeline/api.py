@@ -23,7 +23,7 @@ import collections
 import dataclasses
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator, Sequence, Union
 
 from wanwu.errors import ConfigError, ReadError
@@ -154,7 +154,7 @@ class Recognizer:
                 if batch:
                     pending.append(self._submit(batch))
                 while pending and (not batch or len(pending) * chunk >= window or pending[0].done()):
-                    yield from pending.popleft().result()
+                    yield from _result(pending.popleft())
                 if not batch and not pending:
                     return
         finally:  # the caller stopped early, or a request failed: drop what was not started
@@ -198,6 +198,13 @@ class Recognizer:
 
     def _requests_at_once(self) -> int:
         return max(2, min(64, self.config.max_queue_size // self._chunk()))
+
+
+def _result(future: Future) -> list[Record]:
+    try:
+        return future.result()
+    except CancelledError:  # close() from another thread dropped the requests not yet started
+        raise ServeError("not_ready", "the recognizer was closed while images were in flight") from None
 
 
 def _key(given: str | None, image: Image, index: int) -> str:

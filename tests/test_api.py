@@ -159,3 +159,26 @@ def test_import_wanwu_stays_light_until_the_recognizer_is_asked_for():
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
     lines = out.stdout.splitlines()
     assert json.loads(lines[0]) == [False, False] and json.loads(lines[1]) == ["wanwu.pipeline.api"]
+
+
+def test_closing_from_another_thread_ends_a_map_with_a_clear_error():
+    import threading
+
+    from wanwu import Recognizer
+
+    r = Recognizer(decoders=1, top_k=1).start()
+    seen = []
+    try:
+        # Every request is submitted at once (a window of all 1,024 images): some run, the rest
+        # wait in the thread pool, and close() cancels those.
+        stream = r.map([SAMPLES[0].read_bytes()] * 1024, window=1024)
+        seen.append(next(stream))
+        threading.Thread(target=r.close).start()
+        with pytest.raises(ServeError) as caught:
+            for record in stream:
+                seen.append(record)
+    finally:
+        r.close()
+    assert caught.value.reason == "not_ready" and len(seen) < 1024
+    # What came before the error is whole: real answers, or error records naming the shutdown.
+    assert all(rec.error is None or "shut down" in rec.error["message"] for rec in seen)
