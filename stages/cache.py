@@ -196,6 +196,11 @@ class RecordCache:
         with self._lock:
             self.counts.hits += 1
 
+    def missed(self) -> None:
+        """Count as a miss an image that was to wait on an identical one, which was answered first."""
+        with self._lock:
+            self.counts.misses += 1
+
     def put(self, entries: list[tuple[bytes, Record]]) -> None:
         """Keep the answers of ``(key, record)`` pairs (error records only with ``cache_errors``)."""
         import lmdb

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Served, jpeg_bytes, run_wanwu
+from conftest import REPO, Served, jpeg_bytes, run_wanwu, write_slow_png
 from wanwu.errors import ConfigError, DecodeError
 from wanwu.records import Record
 from wanwu.stages.cache import RecordCache, digest
@@ -236,3 +236,64 @@ def test_cache_command_stats_and_clear(tmp_path):
     assert json.loads(run_wanwu("cache", "stats", str(tmp_path / "c"), "--json").stdout)["entries"] == 0
     assert run_wanwu("cache", "stats", str(REPO / "samples")).returncode == 2
     shutil.rmtree(tmp_path / "c")
+
+
+@pytest.fixture
+def cached_backend(tmp_path):
+    """The daemon's backend (decoder and inference processes) with a cache that starts empty."""
+    from wanwu import Recognizer
+    from wanwu.pipeline.serve.dispatch import PipelineBackend
+
+    backend = PipelineBackend(Recognizer(cache=str(tmp_path / "cache"), decoders=1, top_k=1).config)
+    backend.start()
+    yield backend
+    backend.shutdown()
+
+
+def test_identical_images_in_flight_in_the_daemon_are_recognised_once(cached_backend, photos):
+    # Formerly each copy was recognised until the first answer was kept, as `wanwu run` already avoided.
+    datas = [jpeg_bytes(photos[name]) for name in ("chelsea", "coffee", "rocket")]
+    keys = [f"copy {i}" for i in range(24)]
+    records = cached_backend.submit(datas * 8, keys=keys, source="test")
+
+    assert [r.key for r in records] == keys and {r.source for r in records} == {"test"}
+    assert all(r.error is None for r in records)
+    for i, record in enumerate(records):  # the same answer as the first of its photo, marked cached after it
+        first = records[i % 3]
+        assert (record.labels, record.width, record.height) == (first.labels, first.width, first.height)
+        assert record.cached == (i >= 3)
+    deadline = time.monotonic() + 5
+    while (cached_backend.stats()["inference_count"] < 3 or cached_backend.cache.counts.insertions < 3) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)  # batch events, and the answers kept, come after the answers are delivered
+    time.sleep(0.3)
+    assert cached_backend.stats()["inference_count"] == 3  # three images reached the model, not 24
+    assert cached_backend.cache.counts.as_dict() == {"hits": 21, "misses": 3, "insertions": 3, "evictions": 0}
+    # A second request of the same bytes is answered by the cache alone: hits + misses = images looked up.
+    again = cached_backend.submit(datas * 2, keys=keys[:6])
+    assert all(r.cached and r.labels == records[i % 3].labels for i, r in enumerate(again))
+    assert cached_backend.cache.counts.as_dict() == {"hits": 27, "misses": 3, "insertions": 3, "evictions": 0}
+
+
+def test_a_twin_waiting_on_a_request_that_timed_out_is_sent_in_its_place(cached_backend, tmp_path):
+    import threading
+
+    from wanwu.pipeline.serve.backend import ServeError
+
+    write_slow_png(tmp_path / "slow.png")  # seconds to decode: the first request gives up meanwhile
+    data = (tmp_path / "slow.png").read_bytes()
+    outcome: dict = {}
+
+    def first() -> None:
+        try:
+            cached_backend.submit([data], timeout_s=0.5, keys=["first"])
+        except ServeError as exc:
+            outcome["first"] = exc.reason
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    time.sleep(0.15)  # the first is in flight: the second waits on it
+    (second,) = cached_backend.submit([data], timeout_s=40, keys=["second"])
+    thread.join(10)
+    assert outcome == {"first": "timeout"}
+    assert second.key == "second" and second.error is None and second.labels, second

@@ -39,6 +39,7 @@ from wanwu.pipeline.serve.backend import ModelInfo, ServeError
 from wanwu.pipeline.serve.config import ServeConfig
 from wanwu.pipeline.serve.metrics import ServeMetrics
 from wanwu.pipeline.serve.stats import ServeStats
+from wanwu.pipeline.serve.twins import Twin, Twins
 from wanwu.pipeline.topology import transport
 from wanwu.pipeline.topology.inflight import Entry, InFlight
 from wanwu.pipeline.topology.messages import Event, EventKind, Results, Taken, WorkItem
@@ -60,6 +61,7 @@ class _Request:
     source: str
     start: float = field(default_factory=time.perf_counter)
     done: threading.Event = field(default_factory=threading.Event)
+    gave_up: bool = False  # timed out: nobody reads its records any more
 
 
 class PipelineBackend:
@@ -92,6 +94,7 @@ class PipelineBackend:
         self._router: threading.Thread | None = None
         self._topology: Topology | None = None
         self.cache = cfg.open_cache(self.spec)  # None without --cache; refused here when it is not ours
+        self._twins = Twins(self.cache) if self.cache is not None else None
         self._camera_fields: dict = {}  # the loader's and sink's WorkerSpec fields, with cameras
         self._streams: dict[str, dict] = {}  # the cameras' latest counters
 
@@ -209,7 +212,8 @@ class PipelineBackend:
         t0 = time.time()
         if not self._started.is_set() or self._draining:
             raise ServeError("not_ready", f"model {self.spec.name!r} is not ready (loading or shutting down)")
-        contents = self._from_cache(request, images, keys, t0)
+        contents, waiting = (self._twins.look_up(request, images, keys, t0) if self._twins is not None
+                             else ([None] * n, set()))
         misses = [i for i in range(n) if request.records[i] is None]
         with self._lock:
             if not self._started.is_set() or self._draining:
@@ -218,15 +222,21 @@ class PipelineBackend:
                 self._count(request, "queue_full")
                 raise ServeError("queue_full", f"the queue holds {len(self._inflight)} images, at most "
                                                f"{self.cfg.max_queue_size}; try again later")
-            tickets = [self._inflight.add(keys[i], request.source, t0, bytes(images[i]), (request, i, contents[i])).ticket
-                       for i in misses]
-        if misses:
+            tickets = []
+            for i in misses:
+                content, data = contents[i], bytes(images[i])
+                if content is not None and self._twins.lead_or_wait(
+                        content, Twin(request, i, keys[i], t0, data), looked_up=i not in waiting):
+                    continue  # identical bytes are in flight: their answer will be this one's
+                tickets.append(self._inflight.add(keys[i], request.source, t0, data, (request, i, content)).ticket)
+        if tickets:
             self._waker.wake()
-        else:
+        elif not misses:
             request.done.set()
         if not request.done.wait(timeout_s):
             with self._lock:
-                self._inflight.discard(tickets)
+                request.gave_up = True
+                self._hand_over(self._inflight.discard(tickets))
             if not request.done.is_set():
                 self._count(request, "timeout")
                 raise ServeError("timeout", f"no answer within {timeout_s:g} s")
@@ -234,19 +244,14 @@ class PipelineBackend:
         self._count(request, outcome)
         return request.records
 
-    def _from_cache(self, request: _Request, images: Sequence[bytes], keys: Sequence[str], t0: float) -> list:
-        """Answer what the cache knows; return each image's content digest (None without a cache)."""
-        if self.cache is None:
-            return [None] * len(images)
-        from wanwu.stages.cache import digest
-
-        contents = [digest(data) for data in images]
-        for i, content in enumerate(contents):
-            answer = self.cache.get(content)
-            if answer is not None:
-                request.records[i] = self.cache.record(answer, keys[i], request.source, t0)
-                request.left -= 1
-        return contents
+    def _hand_over(self, given_up: list[Entry]) -> None:
+        """Send, for each image given up, the first identical one still waiting. Call with ``_lock`` held."""
+        for entry in given_up:
+            content = entry.context[2]
+            twin = self._twins.given_up(content) if content is not None else None
+            if twin is not None:
+                self._inflight.add(twin.key, twin.request.source, twin.t0, twin.data, (twin.request, twin.index, content))
+                self._waker.wake()
 
     def _count(self, request: _Request, outcome: str) -> None:
         elapsed = time.perf_counter() - request.start
@@ -258,10 +263,16 @@ class PipelineBackend:
     # ---- answers -----------------------------------------------------------------------------------
 
     def _deliver(self, answers: list[tuple[Entry, Record]]) -> None:
-        """Hand records to the requests waiting for them (entries already out of the ledger)."""
-        ok = errors = 0
+        """Hand records to the requests waiting for them (entries already out of the ledger), and the
+        same answers, under their own keys, to the identical images that waited on them."""
+        deliveries = []
         for entry, record in answers:
-            request, index, _ = entry.context
+            request, index, content = entry.context
+            deliveries.append((request, index, record))
+            if content is not None:
+                deliveries += self._twins.answered(content, record)
+        ok = errors = 0
+        for request, index, record in deliveries:
             if request.records[index] is not None:
                 continue
             request.records[index] = record

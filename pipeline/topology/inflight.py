@@ -116,12 +116,15 @@ class InFlight:
         entry = self._entries.pop(ticket, None)
         return None if entry is None or entry.discarded else entry
 
-    def discard(self, tickets: list[int]) -> None:
-        """Nobody waits for these any more; their records will be dropped."""
+    def discard(self, tickets: list[int]) -> list[Entry]:
+        """Nobody waits for these any more; their records will be dropped. Returns those still in flight."""
+        gone = []
         for ticket in tickets:
             entry = self._entries.pop(ticket, None)
             if entry is not None:
                 entry.discarded = True
+                gone.append(entry)
+        return gone
 
     def lost(self, dead: set[Holder], everything: bool, now: float) -> list[Entry]:
         """Workers died: queue what they held to be sent again; return the inputs that failed for good.
