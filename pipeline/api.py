@@ -26,12 +26,15 @@ import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator, Sequence, Union
 
-from wanwu.errors import ConfigError, ReadError
+import numpy as np
+
+from wanwu.errors import ConfigError, DecodeError, InputError, ReadError
 from wanwu.records import Record
 from wanwu.pipeline.serve.backend import ModelInfo, ServeError
 from wanwu.pipeline.serve.config import ServeConfig
 
-Image = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]"]  # encoded bytes, or a file's path
+# Encoded bytes, a file's path, or pixels: an RGB (H, W, 3) or grayscale (H, W) uint8 array.
+Image = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", np.ndarray]
 
 SOURCE = "python"
 REQUEST_TIMEOUT_S = 600.0  # the caller is the only client: a slow machine, not a crowd, makes requests wait
@@ -112,8 +115,9 @@ class Recognizer:
         """One record per image, in order; blocks until all are known.
 
         Args:
-            images: encoded images (bytes) or paths of image files, any number.
-            keys: the records' keys; None gives a path's own string, or ``"{i}"`` for bytes.
+            images: encoded images (bytes), paths of image files, or pixels (uint8 arrays, RGB
+                (H, W, 3) or gray (H, W); an OpenCV frame is BGR: pass ``frame[..., ::-1]``).
+            keys: the records' keys; None gives a path's own string, or ``"{i}"`` otherwise.
 
         Raises:
             ConfigError: ``keys`` does not have one key per image.
@@ -126,11 +130,11 @@ class Recognizer:
         return list(self._map(((_key(k, image, i), image) for i, (k, image) in enumerate(keyed)), 0))
 
     def map(self, images: Iterable[Image], window: int = 0) -> Iterator[Record]:
-        """Records of ``images`` (bytes or paths, any number, read lazily) in input order, as they come.
+        """Records of ``images`` (as for ``recognise``; any number, read lazily) in input order, as they come.
 
         Args:
-            images: an iterable of encoded images or paths; a path's record has the path as its
-                key, an image given as bytes its position (``"0"``, ``"1"``, ...).
+            images: an iterable of encoded images, paths or pixels; a path's record has the path
+                as its key, the others their position (``"0"``, ``"1"``, ...).
             window: images in flight at most (0: four batches). More keeps every process busy
                 when images vary in size; fewer bounds memory (encoded bytes of the window).
 
@@ -176,7 +180,7 @@ class Recognizer:
         for i, (key, image) in enumerate(batch):
             try:
                 datas.append(_read(image))
-            except ReadError as exc:
+            except InputError as exc:
                 records[i] = Record.failure(key, SOURCE, backend.spec.name, exc, t0)
                 continue
             keys.append(key)
@@ -210,13 +214,22 @@ def _result(future: Future) -> list[Record]:
 def _key(given: str | None, image: Image, index: int) -> str:
     if given is not None:
         return given
-    return str(index) if isinstance(image, (bytes, bytearray, memoryview)) else os.fspath(image)
+    return os.fspath(image) if isinstance(image, (str, os.PathLike)) else str(index)
 
 
 def _read(image: Image) -> bytes:
-    """The encoded bytes of ``image`` (bytes as they are; a path read whole)."""
+    """The encoded bytes of ``image`` (bytes as they are; a path read whole; pixels as PPM/PGM).
+
+    Raises:
+        ReadError: a path that cannot be read, or an empty file.
+        DecodeError: an array that is not uint8 RGB (H, W, 3) or grayscale (H, W).
+    """
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
+    if isinstance(image, np.ndarray):
+        return _netpbm(image)
+    if not isinstance(image, (str, os.PathLike)):
+        raise ReadError(f"expected encoded bytes, a path or a uint8 array, got {type(image).__name__}")
     path = os.fspath(image)
     try:
         with open(path, "rb") as f:
@@ -226,3 +239,14 @@ def _read(image: Image) -> bytes:
     if not data:
         raise ReadError(f"expected an image file at {path!r}, got an empty file")
     return data
+
+
+def _netpbm(pixels: np.ndarray) -> bytes:
+    """``pixels`` as binary PPM (RGB) or PGM (gray): a header and the bytes, no compression to pay for."""
+    rgb = pixels.ndim == 3 and pixels.shape[2] == 3
+    if pixels.dtype != np.uint8 or not (rgb or pixels.ndim == 2) or 0 in pixels.shape:
+        raise DecodeError(f"expected uint8 pixels of shape (H, W, 3) in RGB order or (H, W) gray, got "
+                          f"{pixels.shape} {pixels.dtype}")
+    height, width = pixels.shape[:2]
+    header = f"{'P6' if rgb else 'P5'}\n{width} {height}\n255\n".encode()
+    return header + np.ascontiguousarray(pixels).tobytes()

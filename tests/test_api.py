@@ -182,3 +182,21 @@ def test_closing_from_another_thread_ends_a_map_with_a_clear_error():
     assert caught.value.reason == "not_ready" and len(seen) < 1024
     # What came before the error is whole: real answers, or error records naming the shutdown.
     assert all(rec.error is None or "shut down" in rec.error["message"] for rec in seen)
+
+
+def test_pixels_are_recognised_as_their_encoded_photo_is(recognizer):
+    import numpy as np
+    from PIL import Image
+
+    coffee = next(p for p in SAMPLES if "coffee" in p.name)  # espresso by far (95%): no near tie to flip
+    rgb = np.asarray(Image.open(coffee).convert("RGB"))
+    gray = np.asarray(Image.open(coffee).convert("L"))
+    inputs = [coffee.read_bytes(), rgb, gray, rgb.astype(np.float32), rgb[..., :2], 42]
+    encoded, from_rgb, from_gray, floats, two_channels, number = recognizer.recognise(inputs)
+    assert from_rgb.error is None and (from_rgb.width, from_rgb.height) == (rgb.shape[1], rgb.shape[0])
+    assert from_rgb.labels[0]["class_id"] == encoded.labels[0]["class_id"]
+    assert from_gray.error is None and (from_gray.width, from_gray.height) == (gray.shape[1], gray.shape[0])
+    for bad in (floats, two_channels):  # refused in its place, with what came
+        assert bad.error["type"] == "DecodeError" and "expected uint8 pixels" in bad.error["message"], bad
+    assert number.error["type"] == "ReadError" and "got int" in number.error["message"]
+    assert [r.key for r in (encoded, from_rgb, number)] == ["0", "1", "5"]
