@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import threading
 import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator, Sequence, Union
@@ -72,6 +73,7 @@ class Recognizer:
                                           zmq_stream="", watch="", cameras=(), python=True)
         self._backend: Any = None
         self._pool: ThreadPoolExecutor | None = None
+        self._lifecycle = threading.Lock()  # start and close, from any thread
 
     # ---- lifecycle
 
@@ -81,22 +83,24 @@ class Recognizer:
         Raises:
             StageError: a worker could not start (the model cannot load, ...) within ``timeout_s``.
         """
-        if self._backend is None:
-            from wanwu.pipeline.serve.dispatch import PipelineBackend
+        with self._lifecycle:
+            if self._backend is None:
+                from wanwu.pipeline.serve.dispatch import PipelineBackend
 
-            backend = PipelineBackend(self.config)
-            backend.start(timeout_s)
-            self._backend = backend
-            self._pool = ThreadPoolExecutor(max_workers=self._requests_at_once(), thread_name_prefix="wanwu-api")
+                backend = PipelineBackend(self.config)
+                backend.start(timeout_s)
+                self._pool = ThreadPoolExecutor(max_workers=self._requests_at_once(), thread_name_prefix="wanwu-api")
+                self._backend = backend
         return self
 
     def close(self) -> None:
         """Answer what is in flight, stop the processes, free the shared memory. Safe to call twice."""
-        pool, backend, self._pool, self._backend = self._pool, self._backend, None, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        if backend is not None:
-            backend.shutdown()
+        with self._lifecycle:
+            pool, backend, self._pool, self._backend = self._pool, self._backend, None, None
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            if backend is not None:
+                backend.shutdown()
 
     def __enter__(self) -> "Recognizer":
         return self.start()
