@@ -191,11 +191,12 @@ def run_suite(cfg: BenchConfig) -> dict:
         row.extra["settings"] = f"{cores} processes, {row.extra.pop('decoder', '?')} decoder"
     inference.extra["settings"] = f"{inference.extra.get('engine', '?')}, batch 32"
     # Each job's limit is that of its own stages: the archive holds smaller JPEGs.
-    for row, decoded in ((run_folder, decode), (run_lmdb, decode_lmdb), (api, decode)):
+    defaults = f"defaults: {cores} decoders, {inference.extra.get('engine', '?')}"
+    for row, decoded, how in ((run_folder, decode, "wanwu run"), (run_lmdb, decode_lmdb, "wanwu run"),
+                              (api, decode, "Recognizer().map(paths)")):
         row.extra["limit_images_per_s"] = limit(decoded.rate, inference.rate)
         row.extra["of_limit"] = row.rate / row.extra["limit_images_per_s"]
-        row.extra["settings"] = f"wanwu run defaults: {cores} decoders, {inference.extra.get('engine', '?')}"
-    api.extra["settings"] = f"Recognizer().map(paths) defaults: {cores} decoders, {inference.extra.get('engine', '?')}"
+        row.extra["settings"] = f"{how} {defaults}"
     memory = {}
     for n in cfg.memory_images:
         folder = _symlink_corpus(paths, workdir / f"links-{n}", n)
