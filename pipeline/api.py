@@ -20,6 +20,7 @@ yields each record as soon as it and every record before it are known.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import os
 import threading
@@ -133,36 +134,52 @@ class Recognizer:
         keyed = zip(keys if keys is not None else [None] * len(images), images)
         return list(self._map(((_key(k, image, i), image) for i, (k, image) in enumerate(keyed)), 0))
 
-    def map(self, images: Iterable[Image], window: int = 0) -> Iterator[Record]:
-        """Records of ``images`` (as for ``recognise``; any number, read lazily) in input order, as they come.
+    def map(self, images: Iterable[Image], window: int = 0, ordered: bool = True) -> Iterator[Record]:
+        """Records of ``images`` (as for ``recognise``; any number, read lazily), as they come.
 
         Args:
             images: an iterable of encoded images, paths or pixels; a path's record has the path
                 as its key, the others their position (``"0"``, ``"1"``, ...).
             window: images in flight at most (0: four batches). More keeps every process busy
                 when images vary in size; fewer bounds memory (encoded bytes of the window).
+            ordered: records in input order (a slow image holds back those after it, and the
+                window stops filling behind it); False yields each few records as soon as they
+                are known, so one huge image never idles the pipeline.
 
-        Raises (from the iterator, after every record before the failed request was yielded):
-            ServeError: a request timed out, or the pipeline is shutting down.
-            StageError: the workers could not be kept running.
+        Raises:
+            ConfigError: ``window`` is above ``max_queue_size``.
+            ServeError (from the iterator, after every record before the failed request was
+                yielded): a request timed out, or the pipeline is shutting down.
+            StageError (from the iterator): the workers could not be kept running.
         """
-        return self._map(((_key(None, image, i), image) for i, image in enumerate(images)), window)
+        return self._map(((_key(None, image, i), image) for i, image in enumerate(images)), window, ordered)
 
-    def _map(self, keyed: Iterator[tuple[str, Image]], window: int) -> Iterator[Record]:
+    def _map(self, keyed: Iterator[tuple[str, Image]], window: int, ordered: bool = True) -> Iterator[Record]:
         self._started()
         chunk = self._chunk()
         window = max(chunk, window or 4 * self.config.batch_size)
         if window > self.config.max_queue_size:
             raise ConfigError(f"expected a window of at most max_queue_size ({self.config.max_queue_size}) images, "
                               f"got {window}")
+        return self._stream(keyed, chunk, window, ordered)
+
+    def _stream(self, keyed: Iterator[tuple[str, Image]], chunk: int, window: int, ordered: bool
+                ) -> Iterator[Record]:
         pending: collections.deque[Future] = collections.deque()
         try:
             while True:
                 batch = [pair for _, pair in zip(range(chunk), keyed)]
                 if batch:
                     pending.append(self._submit(batch))
-                while pending and (not batch or len(pending) * chunk >= window or pending[0].done()):
-                    yield from _result(pending.popleft())
+                if ordered:
+                    while pending and (not batch or len(pending) * chunk >= window or pending[0].done()):
+                        yield from _result(pending.popleft())
+                elif pending:
+                    if not batch or len(pending) * chunk >= window:  # wait for whichever request ends first
+                        concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                    for future in [f for f in pending if f.done()]:
+                        pending.remove(future)
+                        yield from _result(future)
                 if not batch and not pending:
                     return
         finally:  # the caller stopped early, or a request failed: drop what was not started

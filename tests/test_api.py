@@ -200,3 +200,21 @@ def test_pixels_are_recognised_as_their_encoded_photo_is(recognizer):
         assert bad.error["type"] == "DecodeError" and "expected uint8 pixels" in bad.error["message"], bad
     assert number.error["type"] == "ReadError" and "got int" in number.error["message"]
     assert [r.key for r in (encoded, from_rgb, number)] == ["0", "1", "5"]
+
+
+def test_unordered_map_does_not_hold_records_behind_a_slow_image(tmp_path):
+    from conftest import write_slow_png
+    from wanwu import Recognizer
+
+    write_slow_png(tmp_path / "slow.png")  # seconds to decode, in one of the two decoders
+    slow = str(tmp_path / "slow.png")
+    inputs = [slow] + [SAMPLES[1].read_bytes()] * 20
+    # batch 4: requests of one image each, so that each record can come on its own
+    with Recognizer(decoders=2, batch_size=4, top_k=1) as r:
+        unordered = [rec.key for rec in r.map(inputs, window=24, ordered=False)]
+        ordered = [rec.key for rec in r.map(inputs, window=24)]
+        with pytest.raises(ConfigError, match="window of at most"):  # refused at the call, not at the first record
+            r.map(inputs, window=10 ** 6)
+    assert sorted(unordered) == sorted([slow] + [str(i) for i in range(1, 21)])
+    assert unordered[0] != slow  # the other decoder's images came first
+    assert ordered == [slow] + [str(i) for i in range(1, 21)]
