@@ -166,6 +166,34 @@ def test_zmq_stream_records_go_to_the_sink(daemon, images):
     assert records["broken.jpg"]["error"]["type"] == "DecodeError"
 
 
+def test_zmq_stream_keys_never_repeat_across_restarts(tmp_path, images):
+    # The output keeps one record per key: unnamed images numbered from 1 again after a restart,
+    # or a name sent twice, used to lose their records without a word.
+    import zmq
+
+    out = tmp_path / "stream.jsonl"
+    expected = 0
+    for run, named in ((1, ["cam.jpg"]), (2, ["cam.jpg", "cam.jpg"])):
+        served = Served("--no-http", "--decoders", "1", "--zmq-stream", "tcp://127.0.0.1:0", "--out", str(out))
+        try:
+            push = zmq.Context.instance().socket(zmq.PUSH)
+            push.linger = 5000
+            push.connect(served.addresses["zmq_stream"])
+            for _ in range(3):
+                push.send_multipart([images["chelsea"]])  # no name
+            for name in named:
+                push.send_multipart([name.encode(), images["chelsea"]])
+            push.close()
+            expected += 3 + len(named)
+            deadline = time.monotonic() + 60
+            while (len(read_records(str(out))) if out.exists() else 0) < expected and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            assert served.stop() == 0, served.stderr[-3000:]
+    keys = [r["key"] for r in read_records(str(out))]
+    assert sorted(keys) == sorted([f"zmq-{i}" for i in range(1, 7)] + ["cam.jpg", "cam.jpg#2", "cam.jpg#3"])
+
+
 def metrics(daemon) -> dict[str, float]:
     with urllib.request.urlopen(f"http://{daemon.addresses['metrics']}/metrics", timeout=10) as response:
         text = response.read().decode()

@@ -29,12 +29,38 @@ logger = logging.getLogger(__name__)
 
 
 class SinkWriter:
-    """A sink shared by the front doors that write records. Thread-safe; ``write`` is durable."""
+    """A sink shared by the front doors that write records. Thread-safe; ``write`` is durable.
+
+    The output keeps one record per key (a later one with the same key is dropped), so a door
+    whose images have no key of their own takes one from ``claim_key``: never one the output
+    holds (from any earlier run) or that was handed out before.
+    """
 
     def __init__(self, path: str) -> None:
         self.sink: Sink = create_sink(path)
         self.done_keys = self.sink.open()  # the ledger: keys a previous run already wrote
         self._lock = threading.Lock()
+        self._claimed = set(self.done_keys)
+        self._numbers: dict[str, int] = {}  # prefix -> the last number handed out
+        self._claim_lock = threading.Lock()
+
+    def claim_key(self, wanted: str | None, prefix: str) -> str:
+        """A key for a record no one else has: ``wanted``, else ``wanted#2``, ``#3``...; with no
+        ``wanted``, ``prefix`` and the number after the highest any key with that prefix has."""
+        with self._claim_lock:
+            if wanted is None:
+                if prefix not in self._numbers:
+                    self._numbers[prefix] = max((int(k[len(prefix):]) for k in self._claimed
+                                                 if k.startswith(prefix) and k[len(prefix):].isdigit()), default=0)
+                self._numbers[prefix] += 1
+                key = f"{prefix}{self._numbers[prefix]}"
+            else:
+                key, n = wanted, 1
+                while key in self._claimed:
+                    n += 1
+                    key = f"{wanted}#{n}"
+            self._claimed.add(key)
+            return key
 
     def write(self, records: Iterable[Record]) -> None:
         records = list(records)
@@ -108,6 +134,7 @@ class Daemon:
 
             door = ZmqDoor(self.backend, request_addr=cfg.zmq_request or None, stream_addr=cfg.zmq_stream or None,
                            on_records=self.sink.write if self.sink else None,
+                           claim_key=self.sink.claim_key if self.sink else None,
                            curve_secret_key_file=cfg.curve_secret_key or None,
                            curve_clients_dir=cfg.curve_clients or None, max_request_bytes=cfg.max_request_bytes,
                            max_images_per_request=cfg.max_images_per_request, timeout_s=cfg.timeout_s)

@@ -56,6 +56,7 @@ _HARD_FRAME_FACTOR = 1
 _LINGER_MS = 1000  # on shutdown, give replies already queued this long to leave
 _POLL_MS = 500  # the I/O thread is woken explicitly; this is only a safety net
 _READ_BURST = 64  # messages read per socket per loop, so replies are not held back
+STREAM_PREFIX = "zmq-"  # keys of unnamed stream images: zmq-1, zmq-2, ...
 
 
 class ZmqDoor:
@@ -87,7 +88,7 @@ class ZmqDoor:
                  on_records: Callable[[list[Record]], None] | None = None, curve_secret_key_file: str | None = None,
                  curve_clients_dir: str | None = None, max_request_bytes: int = 64 << 20,
                  max_images_per_request: int | None = None, threads: int = 16, timeout_s: float | None = None,
-                 drain_s: float = 30.0) -> None:
+                 drain_s: float = 30.0, claim_key: Callable[[str | None, str], str] | None = None) -> None:
         if request_addr is None and stream_addr is None:
             raise ConfigError("expected a request_addr, a stream_addr or both, got neither")
         if stream_addr is not None and on_records is None:
@@ -101,6 +102,9 @@ class ZmqDoor:
         self.backend = backend
         self.request_addr, self.stream_addr = request_addr, stream_addr
         self.on_records = on_records
+        # The stream's keys, unique in the output across runs (SinkWriter.claim_key); without
+        # one, names are used as sent and unnamed images are numbered from 1.
+        self._claim_key = claim_key
         self.max_request_bytes = max_request_bytes
         self.max_images_per_request = max_images_per_request
         self.threads = threads
@@ -322,8 +326,11 @@ class ZmqDoor:
             except zmq.Again:
                 return
             self._stream_count += 1
-            fallback = f"zmq-{self._stream_count}"
-            name = frames[0].decode("utf-8", "backslashreplace") if len(frames) == 2 and frames[0] else fallback
+            given = frames[0].decode("utf-8", "backslashreplace") if len(frames) == 2 and frames[0] else None
+            if self._claim_key is not None:  # a name sent again, or an earlier run's numbers, would lose the record
+                name = self._claim_key(given, STREAM_PREFIX)
+            else:
+                name = given if given is not None else f"{STREAM_PREFIX}{self._stream_count}"
             image, problem = frames[-1], None
             if len(frames) > 2:
                 problem = ServeError("bad_request", f"expected [name, image] or [image], got {len(frames)} frames")
