@@ -435,6 +435,62 @@ def test_hot_folder_recognises_each_file_once_across_restarts(backend, images, t
     assert watcher.stats()["moved"] == 11
 
 
+@pytest.mark.parametrize("moved", [True, False], ids=["done-dir", "files-stay"])
+def test_a_file_landing_again_under_a_done_name_is_recognised_under_a_key_of_its_own(backend, images, tmp_path,
+                                                                                    moved):
+    # A camera uploading cam/snapshot.jpg every minute: each upload after the first used to be
+    # moved to done (or left alone) without a record.
+    inbox, done = tmp_path / "inbox", tmp_path / "done"
+    (inbox / "cam").mkdir(parents=True)
+    snap = inbox / "cam" / "snapshot.jpg"
+    written = Collector()
+    watcher = HotFolder(backend, str(inbox), on_records=written, done_dir=str(done) if moved else None,
+                        settle_s=0.2, poll_s=0.02)
+    watcher.start()
+    try:
+        for n, photo in enumerate(["chelsea", "coffee", "chelsea"], start=1):
+            if moved:
+                wait_until(lambda: not snap.exists())  # the upload before was moved away
+            else:
+                time.sleep(0.05)  # a new modification time, as a new upload has
+            snap.write_bytes(images[photo])
+            written.wait_for(n)
+        time.sleep(0.5)  # longer than settle_s: a file recognised twice would show now
+    finally:
+        watcher.shutdown()
+    keys = [r["key"] for r in written.records]
+    assert keys == ["cam/snapshot.jpg", "cam/snapshot.jpg#2", "cam/snapshot.jpg#3"]
+    assert [top_class(r) in want for r, want in zip(written.records, (CAT_CLASSES, COFFEE_CLASSES, CAT_CLASSES))] \
+        == [True] * 3
+    if moved:
+        assert sorted(p.name for p in (done / "cam").iterdir()) == ["snapshot-1.jpg", "snapshot-2.jpg",
+                                                                     "snapshot.jpg"]
+
+
+def test_a_file_written_again_before_it_was_moved_is_not_moved_away_unseen(backend, images, tmp_path):
+    inbox, done = tmp_path / "inbox", tmp_path / "done"
+    inbox.mkdir()
+    snap = inbox / "snapshot.jpg"
+    written = Collector()
+
+    def on_records(records):
+        written(records)
+        if len(written.records) == 1:  # the upload after it lands between its record and its move
+            snap.write_bytes(images["coffee"])
+
+    watcher = HotFolder(backend, str(inbox), on_records=on_records, done_dir=str(done), settle_s=0.2, poll_s=0.02)
+    snap.write_bytes(images["chelsea"])
+    watcher.start()
+    try:
+        written.wait_for(2)
+        wait_until(lambda: not snap.exists())
+    finally:
+        watcher.shutdown()
+    assert [r["key"] for r in written.records] == ["snapshot.jpg", "snapshot.jpg#2"]
+    assert top_class(written.records[1]) in COFFEE_CLASSES
+    assert sorted(p.name for p in done.iterdir()) == ["snapshot.jpg"]  # the coffee: the cat was overwritten
+
+
 def test_hot_folder_puts_files_off_when_the_request_fails(backend, images, tmp_path):
     inbox, done = tmp_path / "inbox", tmp_path / "done"
     names = ["cat_1.jpg", "coffee_2.jpg", "sub/cat_3.jpg"]

@@ -146,6 +146,7 @@ class Daemon:
 
             assert self.sink is not None  # ServeConfig requires `out` with `watch`
             hot = HotFolder(self.backend, cfg.watch, on_records=self.sink.write, done_keys=self.sink.done_keys,
+                            claim_key=self.sink.claim_key,
                             done_dir=cfg.watch_done or None, failed_dir=cfg.watch_failed or None,
                             settle_s=cfg.watch_settle_s, batch=cfg.batch_size, timeout_s=cfg.timeout_s)
             hot.start()

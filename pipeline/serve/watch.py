@@ -19,7 +19,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 from wanwu.errors import ConfigError, ReadError
@@ -42,6 +42,7 @@ class _Seen:
     rel: str  # path relative to the folder, OS separators
     signature: tuple[int, int]  # (size, mtime_ns) when last seen changing
     since: float  # time.monotonic() of that change
+    record_key: str = ""  # chosen at the first try, kept for the next ones (a put-off batch)
 
 
 class HotFolder:
@@ -71,7 +72,7 @@ class HotFolder:
     def __init__(self, backend: Backend, folder: str, *, on_records: Callable[[list[Record]], None],
                  done_keys: set[str] | frozenset[str] = frozenset(), done_dir: str | None = None,
                  failed_dir: str | None = None, settle_s: float = 0.5, poll_s: float = 0.2, batch: int = 16,
-                 timeout_s: float | None = None) -> None:
+                 timeout_s: float | None = None, claim_key: Callable[[str, str], str] | None = None) -> None:
         if not os.path.isdir(folder):
             raise ConfigError(f"expected a folder to watch, got {folder!r}")
         if settle_s < 0 or poll_s <= 0 or batch < 1:
@@ -89,8 +90,12 @@ class HotFolder:
         if self._root in self._skip:  # moved files would land back in the watched folder, forever
             raise ConfigError(f"expected done_dir and failed_dir other than the watched folder, got {folder!r}")
         self._done = set(done_keys)  # the ledger, plus what this run recognised
+        self._claim_key = claim_key
         self._watching: dict[str, _Seen] = {}  # key -> file not yet settled or not yet recognised
-        self._left: set[str] = set()  # done files that stay (no destination, or a move failed)
+        # Done files that stay (no destination, or a move failed), with their (size, mtime) then:
+        # the same path with another signature later is a new file.
+        self._left: dict[str, tuple[int, int]] = {}
+        self._first_poll = True
         self._counts = dict.fromkeys(("seen", "done", "failed", "moved", "retries"), 0)
         self._retry_at = 0.0
         self._backoff_s = 0.0
@@ -143,10 +148,11 @@ class HotFolder:
         present = set()
         for key, rel in self._walk():
             present.add(key)
-            if key in self._done:
+            if key in self._done and self._leftover(key, rel):
                 self._move_leftover(key, rel)
             elif self._settled(key, rel, now):
                 ready.append(key)
+        self._first_poll = False
         for key in self._watching.keys() - present:  # vanished before it was recognised
             del self._watching[key]
         if not ready or now < self._retry_at:
@@ -171,13 +177,38 @@ class HotFolder:
         except OSError as exc:  # the folder vanished or became unreadable: logged, the next poll tries again
             logger.warning("hot folder: cannot list %r: %s", self.folder, exc)
 
-    def _settled(self, key: str, rel: str, now: float) -> bool:
-        """Whether the file stayed the same size and mtime for ``settle_s`` (first sighting: no)."""
+    def _signature(self, rel: str) -> tuple[int, int]:
         try:
             st = os.stat(os.path.join(self._root, rel))
-            signature = (st.st_size, st.st_mtime_ns)
+            return st.st_size, st.st_mtime_ns
         except OSError:
-            signature = (-1, -1)  # a dangling symlink: settles, then becomes an error record
+            return -1, -1  # a dangling symlink: settles, then becomes an error record
+
+    def _leftover(self, key: str, rel: str) -> bool:
+        """Whether a file at a done key is the one already recognised, not a new one under that name.
+
+        It is when it stayed unchanged since it was recognised (or found done), or when it was
+        here when the watcher started: the crash window between writing a record and moving the
+        file. A file that lands later under a done name (a camera uploading ``snapshot.jpg``
+        again) is new, and is recognised under a key of its own.
+        """
+        if key in self._left:
+            return self._left[key] == self._signature(rel)
+        return self._first_poll
+
+    def _record_key(self, key: str) -> str:
+        """The record's key: the path's, or ``key#2``, ``#3``... when a record holds that one already."""
+        if self._claim_key is not None:  # the daemon's sink knows the keys of every door
+            return self._claim_key(key, "")
+        name, n = key, 1
+        while name in self._done:
+            n += 1
+            name = f"{key}#{n}"
+        return name
+
+    def _settled(self, key: str, rel: str, now: float) -> bool:
+        """Whether the file stayed the same size and mtime for ``settle_s`` (first sighting: no)."""
+        signature = self._signature(rel)
         seen = self._watching.get(key)
         if seen is None or seen.signature != signature:
             if seen is None:
@@ -198,10 +229,17 @@ class HotFolder:
                 slots.append(i)
             except ReadError as exc:  # vanished, unreadable, empty
                 records[i] = Record.failure(key, "watch", self.backend.info().name, exc, t0)
+        for key in keys:
+            seen = self._watching[key]
+            seen.record_key = seen.record_key or self._record_key(key)
+        record_keys = [self._watching[key].record_key for key in keys]
+        for i, record in enumerate(records):
+            if record is not None:
+                records[i] = replace(record, key=record_keys[i])
         if images:
             try:
                 results = self.backend.submit(images, timeout_s=self.timeout_s, source="watch",
-                                              keys=[keys[i] for i in slots])
+                                              keys=[record_keys[i] for i in slots])
             except Exception as exc:
                 return self._put_off(len(keys), exc)
             if len(results) != len(images):
@@ -216,11 +254,11 @@ class HotFolder:
         self._backoff_s = 0.0
         for key, rel, record in zip(keys, rels, records):
             assert record is not None
-            self._done.add(key)
-            del self._watching[key]
+            self._done.update((key, record.key))
+            signature = self._watching.pop(key).signature
             failed = record.error is not None
             self._counts["failed" if failed else "done"] += 1
-            self._move(key, rel, self.failed_dir if failed else self.done_dir)
+            self._move(key, rel, self.failed_dir if failed else self.done_dir, signature)
         return True
 
     def _put_off(self, n: int, exc: Exception) -> bool:
@@ -236,12 +274,16 @@ class HotFolder:
 
     def _move_leftover(self, key: str, rel: str) -> None:
         """A file whose record is already written (by this run or an earlier one) but is still here."""
-        if self.done_dir is not None and key not in self._left:
-            self._move(key, rel, self.done_dir)
+        if key not in self._left:
+            self._move(key, rel, self.done_dir, self._signature(rel))
 
-    def _move(self, key: str, rel: str, dest_root: str | None) -> None:
+    def _move(self, key: str, rel: str, dest_root: str | None, signature: tuple[int, int]) -> None:
+        """Move a done file (``signature``: its size and mtime when recognised) to ``dest_root``."""
         if dest_root is None:
-            self._left.add(key)
+            self._left[key] = signature
+            return
+        if self._signature(rel) != signature:  # written again since it was read: a new file, left to be seen
+            self._left.pop(key, None)
             return
         src = os.path.join(self._root, rel)
         try:
@@ -249,9 +291,10 @@ class HotFolder:
         except FileNotFoundError:  # vanished after it was read: nothing left to move
             return
         except OSError as exc:
-            self._left.add(key)
+            self._left[key] = signature
             logger.warning("hot folder: cannot move %r to %r: %s; it stays", src, dest_root, exc)
             return
+        self._left.pop(key, None)  # a file landing at that path from now on is a new one
         self._counts["moved"] += 1
         logger.debug("hot folder: %r -> %r", src, dest)
 
