@@ -24,6 +24,7 @@ from wanwu.records import Record
 from wanwu.pipeline.serve.dispatch import PipelineBackend
 from wanwu.pipeline.serve.metrics import ServeMetrics
 from wanwu.stages.sinks.base import Sink, create_sink
+from wanwu.stages.sinks.records import free_key
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +56,7 @@ class SinkWriter:
                 self._numbers[prefix] += 1
                 key = f"{prefix}{self._numbers[prefix]}"
             else:
-                key, n = wanted, 1
-                while key in self._claimed:
-                    n += 1
-                    key = f"{wanted}#{n}"
+                key = free_key(wanted, self._claimed)
             self._claimed.add(key)
             return key
 

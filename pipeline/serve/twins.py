@@ -81,8 +81,11 @@ class Twins:
                 self._waiting[content].append(twin)
             else:
                 self._waiting[content] = []
-        if not looked_up:  # what it waited on was answered meanwhile: then it is a miss after all
-            self.cache.shared() if waits else self.cache.missed()
+        if not looked_up:  # counted here, once: a hit, or a miss when what it would wait on was answered meanwhile
+            if waits:
+                self.cache.shared()
+            else:
+                self.cache.missed()
         return waits
 
     def answered(self, content: bytes, record: Record) -> list[tuple[Any, int, Record]]:

@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 from wanwu.errors import ConfigError, ReadError
 from wanwu.records import Record
 from wanwu.pipeline.serve.backend import Backend, ServeError
+from wanwu.stages.sinks.records import free_key
 from wanwu.stages.sources.files import key_text, read_file
 from wanwu.stages.sources.folder import walk_images
 
@@ -200,11 +201,7 @@ class HotFolder:
         """The record's key: the path's, or ``key#2``, ``#3``... when a record holds that one already."""
         if self._claim_key is not None:  # the daemon's sink knows the keys of every door
             return self._claim_key(key, "")
-        name, n = key, 1
-        while name in self._done:
-            n += 1
-            name = f"{key}#{n}"
-        return name
+        return free_key(key, self._done)
 
     def _settled(self, key: str, rel: str, now: float) -> bool:
         """Whether the file stayed the same size and mtime for ``settle_s`` (first sighting: no)."""

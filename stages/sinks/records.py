@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Iterable
+from typing import Any, Container, Iterable
 
 from wanwu.errors import SinkError
 from wanwu.records import RECORD_FIELDS, Record as RecordObject
@@ -44,6 +44,16 @@ def normalise(record: Writable) -> Record:
     except (TypeError, ValueError) as exc:
         raise SinkError(f"record {key!r}: expected numbers for width/height/elapsed_ms: {exc}") from exc
     return out
+
+
+def free_key(wanted: str, taken: Container[str]) -> str:
+    """``wanted``, or ``wanted#2``, ``#3``...: the first not in ``taken``. An output keeps one record
+    per key (``unique_new``), so a new input under a key already written needs a key of its own."""
+    key, n = wanted, 1
+    while key in taken:
+        n += 1
+        key = f"{wanted}#{n}"
+    return key
 
 
 def unique_new(records: Iterable[Writable], done: set[str]) -> list[Record]:
