@@ -172,6 +172,36 @@ def test_an_unwritable_output_exits_1(tmp_path):
     assert proc.returncode == 1, proc.stderr
 
 
+def test_records_stream_to_stdout_with_out_dash(tmp_path):
+    """``--out -``: JSON Lines on stdout, nothing else there (the summary and any worker's chatter
+    go to stderr); the photos get the labels a file output gives them."""
+    from conftest import REPO
+
+    proc = run_wanwu("run", str(REPO / "samples"), "--out", "-", "--progress", "log", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert sorted(r["key"] for r in records) == sorted(p.name for p in (REPO / "samples").glob("*.jpg"))
+    by_key = {r["key"]: r for r in records}
+    assert by_key["猫 chelsea.jpg"]["labels"][0]["class_id"] in CAT_CLASSES
+    assert "finished: 4 recognised" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no file named "-"
+    shown = run_wanwu("show", "-", input=proc.stdout, timeout=60)  # `wanwu run ... -o - | wanwu show -`
+    assert shown.returncode == 0 and len(shown.stdout.splitlines()) == 4 and "埃及猫" in shown.stdout, shown.stderr
+
+
+def test_an_output_device_that_refuses_writes_fails_at_once_with_one_line(tmp_path):
+    """/dev/full behind a .jsonl name: reading it as a ledger would never end; writing fails.
+    The job ends with exit 1 and the reason, told without a traceback (it is no bug)."""
+    from conftest import REPO
+
+    out = tmp_path / "r.jsonl"
+    out.symlink_to("/dev/full")
+    proc = run_wanwu("run", str(REPO / "samples"), "--out", str(out), "--progress", "none", timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "No space left on device" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("option", [["--decoder", "dali"], ["--engine", "torch"], ["--engine", "onnxruntime"]])
 def test_other_decoders_and_engines_agree_end_to_end(option, folder_run, mixed_folder, tmp_path):
     if option[1] == "dali":

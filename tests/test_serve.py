@@ -324,6 +324,11 @@ def test_config_file_and_flags(tmp_path):
         ServeConfig.from_toml(str(path))
     with pytest.raises(ConfigError, match="out"):
         ServeConfig(watch=str(tmp_path))
+    for stream in ("-", "/dev/null"):  # no ledger in a stream: the hot folder would repeat itself
+        with pytest.raises(ConfigError, match="regular file for out"):
+            ServeConfig(watch=str(tmp_path), out=stream)
+    with pytest.raises(ConfigError, match="daemon's stdout"):
+        ServeConfig(cameras=("front=rtsp://127.0.0.1:1/x",), camera_out="-")
     result = subprocess.run(wanwu_cmd("serve", "--config", str(path)), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "max_batch" in result.stderr
     result = subprocess.run(wanwu_cmd("serve", "--print-config", "--http-port", "9300", "--crop", "192",

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wanwu.errors import SinkError
+from wanwu.errors import ConfigError, SinkError
 from wanwu.stages.sinks.base import RECORD_FIELDS, SINKS, Sink, create_sink, read_records
 from wanwu.stages.sinks.jsonl import JsonlSink
 from wanwu.stages.sinks.sqlite import SqliteSink
@@ -285,3 +285,44 @@ def test_without_a_ledger_no_keys_are_returned_or_held(tmp_path: Path, kind: str
     log.write([record("c.jpg"), record("c.jpg")])  # repeats within one write are still dropped
     log.shutdown()
     assert [r["key"] for r in read_records(str(path))] == ["a.jpg", "b.jpg", "c.jpg"]
+
+
+def test_a_named_pipe_gets_its_records_whole_after_a_ledger_read(tmp_path):
+    """A pipe is a stream: no ledger, no lock. The job's owner opens the output to read the ledger
+    and closes it before the sink process opens it again; a pipe's reader must not see the end of
+    the file in between, and must get every record."""
+    import os
+    import threading
+
+    fifo = tmp_path / "records.pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)  # to the last writer
+    reader.start()
+    owner = create_sink(str(fifo))  # no .jsonl suffix: a stream takes JSON Lines whatever its name
+    assert owner.open() == set() and owner.prior_errors == 0
+    owner.shutdown()
+    assert reader.is_alive(), "the ledger read opened the pipe, and its reader saw an early end of file"
+    sink = create_sink(str(fifo))
+    assert sink.open() == set()
+    sink.write([record("a.jpg"), record("a.jpg"), error_record("b.jpg")])
+    sink.write([record("c.jpg")])
+    sink.shutdown()
+    reader.join(10)
+    lines = got[0].decode().splitlines()
+    assert [json.loads(line)["key"] for line in lines] == ["a.jpg", "b.jpg", "c.jpg"]
+
+
+def test_a_stream_that_refuses_writes_fails_with_the_reason(tmp_path):
+    full = tmp_path / "r.jsonl"
+    full.symlink_to("/dev/full")  # reads give endless zeros: a ledger read of it would never end
+    sink = create_sink(str(full))
+    assert sink.open() == set()
+    with pytest.raises(SinkError, match="No space left on device"):
+        sink.write([record("a.jpg")])
+    with pytest.raises(SinkError, match="a write failed"):  # nothing more is written after a failed write
+        sink.write([record("b.jpg")])
+    sink.shutdown()
+    (tmp_path / "r.sqlite").symlink_to("/dev/null")
+    with pytest.raises(ConfigError, match="regular file for an SQLite output"):
+        create_sink(str(tmp_path / "r.sqlite"))

@@ -44,7 +44,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                         "(of images, or of videos and stream URLs), a video file, a stream URL (rtsp://, "
                         "http(s)://, tcp://, udp://), or testsrc: (generated frames; see the README)")
     p.add_argument("--out", "-o", required=True,
-                   help="results.jsonl or results.sqlite; also the resume ledger")
+                   help="results.jsonl or results.sqlite, also the resume ledger; "
+                        "- writes JSON Lines to stdout (no resume)")
     p.add_argument("--progress", default="auto", choices=PROGRESS_MODES,
                    help="bar on a terminal, log lines otherwise")
     p.add_argument("--stats-json", metavar="PATH", default=None,
@@ -75,7 +76,7 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
 
 def _add_show(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("show", help="print the records of a results file as a table")
-    p.add_argument("results", help="results.jsonl or results.sqlite")
+    p.add_argument("results", help="results.jsonl or results.sqlite; - reads JSON Lines from stdin")
     p.add_argument("--top", type=positive_int, default=3, help="labels per image to show")
     p.set_defaults(func=_cmd_show)
 
@@ -147,7 +148,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
 def _cmd_show(args: argparse.Namespace) -> int:
     from wanwu.stages.sinks.base import read_records
 
-    if not os.path.exists(args.results):
+    if args.results != "-" and not os.path.exists(args.results):
         raise ConfigError(f"expected a results file, got {args.results!r} which does not exist")
     for rec in read_records(args.results):
         if rec["error"]:

@@ -25,6 +25,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+from wanwu.errors import WanwuError
 from wanwu.records import Record
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -130,9 +131,14 @@ class Event:
 
     @classmethod
     def fatal(cls, stage: str, pid: int, exc: BaseException) -> "Event":
-        """A failure report that carries the exception text and traceback across."""
+        """A failure report that carries the exception text and traceback across.
+
+        ``expected`` is True for wanwu's own errors (``WanwuError``): their message says what
+        went wrong (a full disk, a model that cannot load), and a traceback would only bury it.
+        """
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        return cls(EventKind.FATAL, stage, pid, {"type": type(exc).__name__, "message": str(exc), "traceback": tb})
+        return cls(EventKind.FATAL, stage, pid, {"type": type(exc).__name__, "message": str(exc), "traceback": tb,
+                                                 "expected": isinstance(exc, WanwuError)})
 
 
 @dataclass(frozen=True)

@@ -233,7 +233,11 @@ class Topology:
                     position.failed_starts = 0
                 elif event.kind is EventKind.FATAL:
                     position.fatal = f"{event.data['type']}: {event.data['message']}"
-                    logger.error("%s failed:\n%s", event.stage, event.data.get("traceback", ""))
+                    if event.data.get("expected"):  # the message says it all; the traceback is for debugging
+                        logger.error("%s failed: %s", event.stage, position.fatal)
+                        logger.debug("%s", event.data.get("traceback", ""))
+                    else:  # a bug: its traceback, once
+                        logger.error("%s failed:\n%s", event.stage, event.data.get("traceback", ""))
             events.append(event)
         return events
 

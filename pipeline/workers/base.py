@@ -153,7 +153,9 @@ class Worker(ABC):
             self._start_heartbeat()
             self._loop()
         except Exception as exc:  # report any failure to the owner, who restarts us or ends the job
-            logger.exception("%s failed", self.name)
+            # The owner logs it (with its traceback where it is a bug); logging it here too
+            # would print every failure twice. Kept for --log-level debug.
+            logger.debug("%s failed", self.name, exc_info=True)
             transport.send(self.events, Event.fatal(self.name, os.getpid(), exc))
             status = 1
         finally:
@@ -245,6 +247,10 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     spec: WorkerSpec = pickle.load(sys.stdin.buffer)
+    if spec.role != "sink":
+        # Standard output may be the job's records (``--out -``): whatever a library prints
+        # in a decoder or the engine goes to stderr instead of into the data.
+        os.dup2(2, 1)
     logging.basicConfig(
         level=os.environ.get("WANWU_LOG_LEVEL", "WARNING"),
         format=f"%(asctime)s {spec.name}[{os.getpid()}] %(levelname)s %(name)s: %(message)s",

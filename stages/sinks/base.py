@@ -11,10 +11,16 @@ The output file itself is the ledger: a key is done once its record is in it.
 ``open(ledger=False)`` is for outputs that are logs rather than ledgers (an
 endless stream's): it returns no keys and holds none in memory, so memory stays
 bounded however long the stream runs.
+
+An output that is not a regular file (``-`` for standard output, a named pipe,
+``/dev/stdout``, ``/dev/null``) cannot be read back, so it is never a ledger: it
+gets JSON Lines, and a job writing to it does not resume (``is_stream``).
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Iterable
 
@@ -25,7 +31,8 @@ from wanwu.registry import Registry
 Record = dict[str, Any]  # a record as sinks read it back
 Writable = RecordObject | Record  # what sinks take
 
-__all__ = ["RECORD_FIELDS", "Record", "SINKS", "Sink", "Writable", "create_sink", "read_records", "sink_kind"]
+__all__ = ["RECORD_FIELDS", "Record", "SINKS", "Sink", "Writable", "create_sink", "is_stream", "read_records",
+           "sink_kind"]
 
 
 class Sink(ABC):
@@ -67,14 +74,37 @@ SINKS.register("jsonl", "wanwu.stages.sinks.jsonl:JsonlSink")
 SINKS.register("sqlite", "wanwu.stages.sinks.sqlite:SqliteSink")
 
 
+STDOUT = "-"  # the output path that means standard output
+SQLITE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
+
+
+def is_stream(path: str) -> bool:
+    """True for an output that can be written but not read back as a ledger: ``-`` (standard
+    output), or an existing path that is neither a regular file nor a folder (a named pipe, a
+    terminal, ``/dev/null``), symbolic links followed."""
+    if path == STDOUT:
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # not there yet (it will be a regular file), or unreachable (open() says why)
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def sink_kind(path: str) -> str:
-    """``jsonl`` for ``.jsonl``/``.ndjson``/``.json``, ``sqlite`` for ``.sqlite``/``.db``/``.sqlite3``."""
+    """``jsonl`` for ``.jsonl``/``.ndjson``/``.json`` and for streams (``is_stream``), ``sqlite`` for
+    ``.sqlite``/``.db``/``.sqlite3``."""
     lower = path.lower()
+    if is_stream(path):
+        if lower.endswith(SQLITE_SUFFIXES):
+            raise ConfigError(f"expected a regular file for an SQLite output, got {path!r}, which is not one "
+                              "(a pipe or device takes JSON Lines: name it .jsonl, or use '-' for stdout)")
+        return "jsonl"
     if lower.endswith((".jsonl", ".ndjson", ".json")):
         return "jsonl"
-    if lower.endswith((".sqlite", ".sqlite3", ".db")):
+    if lower.endswith(SQLITE_SUFFIXES):
         return "sqlite"
-    raise ConfigError(f"expected an output ending in .jsonl or .sqlite, got {path!r}")
+    raise ConfigError(f"expected an output ending in .jsonl or .sqlite, or '-' for stdout, got {path!r}")
 
 
 def create_sink(path: str) -> Sink:

@@ -9,7 +9,7 @@ import os
 from typing import IO, Iterable, Iterator
 
 from wanwu.errors import SinkError
-from wanwu.stages.sinks.base import Record, Sink, Writable
+from wanwu.stages.sinks.base import STDOUT, Record, Sink, Writable, is_stream
 from wanwu.stages.sinks.records import dumps, normalise, unique_new
 
 logger = logging.getLogger(__name__)
@@ -26,6 +26,11 @@ class JsonlSink(Sink):
     ``write`` to the OS before returning, so they survive ``kill -9``; with
     ``fsync=True`` they are also forced to disk (they survive power loss).
 
+    A stream (``is_stream``: ``-``, a named pipe, ``/dev/null``) is no ledger: ``open()``
+    returns no keys and only checks that it may be written; the stream itself is opened at
+    the first ``write()``, in the process that writes. A job that opens its output to read
+    the ledger and closes it again would otherwise hand a pipe's reader an early end of file.
+
     Not thread-safe: call from one thread at a time.
     """
 
@@ -38,6 +43,7 @@ class JsonlSink(Sink):
         self._keys: set[str] | None = set()  # keys in the file; None without a ledger
         self._size = 0  # bytes of whole, valid lines: where a failed write is cut back to
         self._broken: str | None = None  # why writing is no longer safe, if it is not
+        self._stream: str | None = None  # what a stream output opens at the first write()
 
     def open(self, ledger: bool = True) -> set[str]:
         """Create the file or repair it; lock it; return the keys it holds (none without ``ledger``).
@@ -48,6 +54,8 @@ class JsonlSink(Sink):
         """
         if self._file is not None:
             return set(self._keys or ())
+        if is_stream(self.path):
+            return self._open_stream()
         directory = os.path.dirname(os.path.abspath(self.path))
         try:
             os.makedirs(directory, exist_ok=True)
@@ -90,6 +98,11 @@ class JsonlSink(Sink):
                 when the OS refuses the write (the file is cut back to its last
                 whole record first, so a later ``open()`` finds it consistent).
         """
+        if self._file is None and self._stream and not self._broken:
+            try:
+                self._file = open(self._stream, "ab", buffering=0)
+            except OSError as exc:
+                raise SinkError(f"cannot open {self.path!r} for writing: {exc}") from exc
         if self._file is None or self._broken:
             raise SinkError(f"cannot write to {self.path!r}: {self._broken or 'open() it first'}")
         batch = unique_new(records, self._keys if self._keys is not None else set())
@@ -101,14 +114,28 @@ class JsonlSink(Sink):
             raise SinkError(f"cannot serialise records for {self.path!r}: {exc}") from exc
         try:
             _write_all(self._file, data)
-            if self.fsync:
+            if self.fsync and not self._stream:  # a pipe has no disk to force
                 os.fsync(self._file.fileno())
         except OSError as exc:
-            self._cut_back(self._file.fileno())
-            raise SinkError(f"cannot write {len(batch)} records to {self.path!r}: {exc}") from exc
+            if self._stream:  # what a reader took cannot be taken back
+                self._broken = f"a write failed ({exc})"
+            else:
+                self._cut_back(self._file.fileno())
+            reader_gone = " (its reader went away)" if isinstance(exc, BrokenPipeError) else ""
+            raise SinkError(f"cannot write {len(batch)} records to {self.path!r}{reader_gone}: {exc}") from exc
         self._size += len(data)
         if self._keys is not None:
             self._keys.update(record["key"] for record in batch)
+
+    def _open_stream(self) -> set[str]:
+        """No ledger, no lock (two jobs may both write to /dev/null); only a check that the
+        stream can be written, so that a job is refused before it starts rather than at its
+        first record."""
+        target = "/dev/stdout" if self.path == STDOUT else self.path
+        if not os.access(target, os.W_OK):
+            raise SinkError(f"cannot open {self.path!r} for writing: permission denied")
+        self._stream, self._keys, self.prior_errors = target, None, 0
+        return set()
 
     def _cut_back(self, fd: int) -> None:
         """Remove a partly written batch so the file ends with a whole record."""
@@ -120,7 +147,7 @@ class JsonlSink(Sink):
     def _shutdown(self) -> None:
         if self._file is not None:
             try:
-                if self.fsync:
+                if self.fsync and not self._stream:  # a pipe has no disk to force
                     os.fsync(self._file.fileno())
             finally:
                 self._file.close()  # also releases the lock
@@ -128,13 +155,14 @@ class JsonlSink(Sink):
 
     @classmethod
     def read_records(cls, path: str) -> list[Record]:
-        """Every whole record in ``path``, in file order; a torn last line is ignored.
+        """Every whole record in ``path`` (``-``: standard input), in file order; a torn last
+        line is ignored.
 
         Raises:
             SinkError: the file cannot be read or is corrupt before its last record.
         """
         try:
-            with open(path, "rb") as lines:
+            with open("/dev/stdin" if path == STDOUT else path, "rb") as lines:
                 return [normalise(record) for record, _ in _records(lines, path)]
         except OSError as exc:
             raise SinkError(f"cannot read {path!r}: {exc}") from exc
