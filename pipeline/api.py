@@ -34,6 +34,8 @@ from wanwu.errors import ConfigError, DecodeError, InputError, ReadError
 from wanwu.records import Record
 from wanwu.pipeline.serve.backend import ModelInfo, ServeError
 from wanwu.pipeline.serve.config import ServeConfig
+from wanwu.stages.decoders.base import max_encoded_bytes
+from wanwu.stages.sources.files import read_file
 
 # Encoded bytes, a file's path, or pixels: an RGB (H, W, 3) or grayscale (H, W) uint8 array.
 Image = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", np.ndarray]
@@ -200,7 +202,7 @@ class Recognizer:
         datas, keys, where = [], [], []
         for i, (key, image) in enumerate(batch):
             try:
-                datas.append(_read(image))
+                datas.append(_read(image, max_encoded_bytes(self.config.max_pixels)))
             except InputError as exc:
                 records[i] = Record.failure(key, SOURCE, backend.spec.name, exc, t0)
                 continue
@@ -238,11 +240,12 @@ def _key(given: str | None, image: Image, index: int) -> str:
     return os.fspath(image) if isinstance(image, (str, os.PathLike)) else str(index)
 
 
-def _read(image: Image) -> bytes:
+def _read(image: Image, max_bytes: int) -> bytes:
     """The encoded bytes of ``image`` (bytes as they are; a path read whole; pixels as PPM/PGM).
 
     Raises:
-        ReadError: a path that cannot be read, or an empty file.
+        ReadError: a path that cannot be read, is not a regular file, is empty or holds more
+            than ``max_bytes`` (then it is not read).
         DecodeError: an array that is not uint8 RGB (H, W, 3) or grayscale (H, W).
     """
     if isinstance(image, (bytes, bytearray, memoryview)):
@@ -251,15 +254,8 @@ def _read(image: Image) -> bytes:
         return _netpbm(image)
     if not isinstance(image, (str, os.PathLike)):
         raise ReadError(f"expected encoded bytes, a path or a uint8 array, got {type(image).__name__}")
-    path = os.fspath(image)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise ReadError(f"expected a readable image file at {path!r}, got {exc.strerror or exc}") from exc
-    if not data:
-        raise ReadError(f"expected an image file at {path!r}, got an empty file")
-    return data
+    # The batch job's reader: a named pipe cannot block the call, nor a huge file fill the memory.
+    return read_file(os.fspath(image), max_bytes)
 
 
 def _netpbm(pixels: np.ndarray) -> bytes:

@@ -104,7 +104,15 @@ def write_hostile(folder: Path, photos: dict[str, np.ndarray]) -> dict[str, str]
     }
     for name, (data, _) in files.items():
         (folder / name).write_bytes(data)
-    return {name: err for name, (_, err) in files.items()}
+    # 1 GiB of nothing (sparse: no disk), more than any image within the default pixel limit
+    # can be: refused unread (ReadError), where reading it whole would cost a GiB per copy.
+    os.truncate(_touch(folder / "huge.tif"), 1 << 30)
+    return {name: err for name, (_, err) in files.items()} | {"huge.tif": "ReadError"}
+
+
+def _touch(path: Path) -> Path:
+    path.touch()
+    return path
 
 
 def write_photos(folder: Path, photos: dict[str, np.ndarray]) -> dict[str, str]:

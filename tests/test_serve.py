@@ -340,7 +340,8 @@ def test_config_file_and_flags(tmp_path):
 
 def test_hot_folder_once_each_across_restart(tmp_path, photos):
     """100 images dropped into the watched folder give 100 records, once each, though the
-    daemon is stopped (SIGTERM, exit 0) and started again half way."""
+    daemon is stopped (SIGTERM, exit 0) and started again half way. A file larger than any
+    image within the pixel limit gets an error record without being read."""
     watched, done, failed = tmp_path / "in", tmp_path / "done", tmp_path / "failed"
     staging = tmp_path / "staging"
     keys = make_corpus(staging, photos, 100)
@@ -369,11 +370,16 @@ def test_hot_folder_once_each_across_restart(tmp_path, photos):
     assert first.stop() == 0, first.stderr[-3000:]  # mid-stream: drains what it took
     second = Served(*args)
     drop(keys[60:])
-    wait_for(100)
+    (watched / "huge.jpg").touch()
+    os.truncate(watched / "huge.jpg", 1 << 30)  # sparse: 1 GiB of nothing
+    wait_for(101)
     time.sleep(1.0)  # a doubled record would show up now
     assert second.stop() == 0, second.stderr[-3000:]
-    records = read_records(str(out))
-    assert sorted(r["key"] for r in records) == sorted(keys)
-    assert all(r["error"] is None and r["source"] == "watch" for r in records)
+    records = {r["key"]: r for r in read_records(str(out))}
+    huge = records.pop("huge.jpg")
+    assert huge["error"]["type"] == "ReadError" and "not read" in huge["error"]["message"], huge
+    assert (failed / "huge.jpg").exists()
+    assert sorted(records) == sorted(keys) and len(read_records(str(out))) == 101
+    assert all(r["error"] is None and r["source"] == "watch" for r in records.values())
     assert sorted(str(p.relative_to(done)) for p in done.rglob("*.jpg")) == sorted(keys)
     assert not list(watched.rglob("*.jpg"))

@@ -116,6 +116,16 @@ def test_fifo_named_like_an_image_is_skipped_and_cannot_hang_read(tree: Path) ->
         source.read(SourceItem("pipe.jpg", str(tree), str(tree / "pipe.jpg")))
 
 
+def test_a_file_larger_than_the_bound_is_refused_unread(tree: Path) -> None:
+    os.truncate(tree / "a.jpg", 3 << 30)  # 3 GiB, sparse: read whole, it would take 3 GiB of memory
+    source = FolderSource(str(tree))
+    item = next(i for i in source.scan() if i.key == "a.jpg")
+    with pytest.raises(ReadError, match=r"at most 1,048,576 bytes.*a\.jpg.* of 3,221,225,472 bytes; not read"):
+        source.read(item, 1 << 20)
+    (tree / "a.jpg").write_bytes(b"x" * 100)
+    assert source.read(item, 100) == b"x" * 100  # the bound itself is allowed
+
+
 def test_folder_that_does_not_exist_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="readable folder"):
         list(FolderSource(str(tmp_path / "nope")).scan())
@@ -186,6 +196,16 @@ def test_lmdb_empty_value_raises_read_error(tmp_path: Path) -> None:
     source = LmdbSource(str(tmp_path / "a.lmdb"))
     with pytest.raises(ReadError, match="empty"):
         source.read(next(source.scan()))
+
+
+def test_lmdb_value_larger_than_the_bound_is_refused_uncopied(tmp_path: Path) -> None:
+    make_lmdb(tmp_path / "a.lmdb", {"big.jpg": b"\xff" * 5000, "small.jpg": b"\xff" * 10})
+    source = LmdbSource(str(tmp_path / "a.lmdb"))
+    items = {item.key: item for item in source.scan()}
+    with pytest.raises(ReadError, match=r"at most 4,096 bytes.*big\.jpg.* of 5,000 bytes; not read"):
+        source.read(items["big.jpg"], 4096)
+    assert source.read(items["small.jpg"], 4096) == b"\xff" * 10
+    source.shutdown()
 
 
 def test_lmdb_that_does_not_exist_is_a_config_error(tmp_path: Path) -> None:

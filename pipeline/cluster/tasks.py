@@ -21,7 +21,7 @@ import numpy as np
 from wanwu.errors import InputError, ReadError
 from wanwu.pipeline.cluster.shards import Shard, shard_key
 from wanwu.records import Item, Record
-from wanwu.stages.decoders.base import DecodeConfig, create_decoder
+from wanwu.stages.decoders.base import DecodeConfig, create_decoder, max_encoded_bytes
 from wanwu.stages.sources.base import Source
 
 COLUMNS = ("shard", "total", "key", "source", "width", "height", "t0", "error", "frame")
@@ -67,7 +67,7 @@ def _block(shard: Shard, total: int, chunk: Sequence[tuple[Any, str]], source: S
     for row, (item, key) in enumerate(chunk):
         t0[row] = time.time()
         try:
-            datas.append(source.read(item))
+            datas.append(source.read(item, max_encoded_bytes(stage.cfg.max_pixels)))
             rows.append(row)
         except ReadError as exc:
             errors[row] = record_text(Record.failure(key, item.source, model_name, exc, t0[row]))

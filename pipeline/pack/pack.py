@@ -27,6 +27,7 @@ from wanwu.errors import ConfigError, ReadError
 from wanwu.pipeline.pack.archive import ArchiveWriter, check_output, publish
 from wanwu.pipeline.pack.pool import bounded_map
 from wanwu.pipeline.pack.shrink import Shrink
+from wanwu.stages.decoders.base import DEFAULT_MAX_PIXELS, max_encoded_bytes
 from wanwu.stages.sources.base import Source, SourceItem, job_key, open_byte_source
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,9 @@ class _Loader:
     def __call__(self, job: tuple[int, SourceItem]) -> _Packed:
         index, item = job
         try:
-            data = bytes(self.sources[index].read(item))
+            # Bounded as `wanwu run` bounds it at its default pixel limit: a file larger than any
+            # image is not read into memory, nor stored.
+            data = bytes(self.sources[index].read(item, max_encoded_bytes(DEFAULT_MAX_PIXELS)))
         except ReadError as exc:
             # Stored empty rather than left out: the archive keeps exactly the
             # inputs' keys, and reading the key from it raises ReadError too.

@@ -21,6 +21,7 @@ from typing import Iterable
 from wanwu.errors import ConfigError
 from wanwu.pipeline.serve.config import ServeConfig
 from wanwu.records import Record
+from wanwu.stages.decoders.base import max_encoded_bytes
 from wanwu.pipeline.serve.dispatch import PipelineBackend
 from wanwu.pipeline.serve.metrics import ServeMetrics
 from wanwu.stages.sinks.base import Sink, create_sink
@@ -146,7 +147,8 @@ class Daemon:
             hot = HotFolder(self.backend, cfg.watch, on_records=self.sink.write, done_keys=self.sink.done_keys,
                             claim_key=self.sink.claim_key,
                             done_dir=cfg.watch_done or None, failed_dir=cfg.watch_failed or None,
-                            settle_s=cfg.watch_settle_s, batch=cfg.batch_size, timeout_s=cfg.timeout_s)
+                            settle_s=cfg.watch_settle_s, batch=cfg.batch_size, timeout_s=cfg.timeout_s,
+                            max_bytes=max_encoded_bytes(cfg.max_pixels))
             hot.start()
             self.addresses["watch"] = cfg.watch
             self.doors.append(hot)

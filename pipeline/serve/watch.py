@@ -68,12 +68,16 @@ class HotFolder:
         poll_s: time between scans.
         batch: files per ``backend.submit`` (capped at the backend's images per request).
         timeout_s: passed to ``backend.submit``; None = the backend's default.
+        claim_key: hands out the record key of a file (the daemon's sink, shared with the
+            stream door); None = the key as the folder names it, or ``key#2``... when taken.
+        max_bytes: a larger file gets an error record without being read (None: no bound).
     """
 
     def __init__(self, backend: Backend, folder: str, *, on_records: Callable[[list[Record]], None],
                  done_keys: set[str] | frozenset[str] = frozenset(), done_dir: str | None = None,
                  failed_dir: str | None = None, settle_s: float = 0.5, poll_s: float = 0.2, batch: int = 16,
-                 timeout_s: float | None = None, claim_key: Callable[[str, str], str] | None = None) -> None:
+                 timeout_s: float | None = None, claim_key: Callable[[str, str], str] | None = None,
+                 max_bytes: int | None = None) -> None:
         if not os.path.isdir(folder):
             raise ConfigError(f"expected a folder to watch, got {folder!r}")
         if settle_s < 0 or poll_s <= 0 or batch < 1:
@@ -84,6 +88,7 @@ class HotFolder:
         self.done_dir, self.failed_dir = done_dir, failed_dir
         self.settle_s, self.poll_s, self.timeout_s = settle_s, poll_s, timeout_s
         self.batch = batch
+        self.max_bytes = max_bytes  # a larger file gets an error record and is not read
         # The walk starts from the real path, so folder paths met on the way (never
         # through a symlink) compare directly with the real paths of the outputs.
         self._root = os.path.realpath(folder)
@@ -222,9 +227,9 @@ class HotFolder:
         images, slots = [], []
         for i, (key, rel) in enumerate(zip(keys, rels)):
             try:
-                images.append(read_file(os.path.join(self._root, rel)))
+                images.append(read_file(os.path.join(self._root, rel), self.max_bytes))
                 slots.append(i)
-            except ReadError as exc:  # vanished, unreadable, empty
+            except ReadError as exc:  # vanished, unreadable, empty, too large
                 records[i] = Record.failure(key, "watch", self.backend.info().name, exc, t0)
         for key in keys:
             seen = self._watching[key]

@@ -38,6 +38,7 @@ from wanwu.pipeline.workers.frames import FrameReading
 from wanwu.pipeline.workers.slots import ProducerSlots
 from wanwu.records import Record
 from wanwu.stages.cache import digest
+from wanwu.stages.decoders.base import max_encoded_bytes
 from wanwu.stages.models.base import get_model_spec
 from wanwu.stages.sources.base import FrameFailure, FrameInfo, FrameSource, SourceItem, job_key
 
@@ -73,6 +74,7 @@ class LoaderWorker(Worker):
         ep = self.spec.endpoints
         self.sources = list(self.spec.sources)
         self.inputs: tuple[str, ...] = self.spec.inputs
+        self.max_bytes = max_encoded_bytes(self.spec.cfg.max_pixels)  # a larger input is refused unread
         self.results = transport.socket(self.ctx, zmq.PULL, ep.frame_results if self.plan.frames_apart else ep.results,
                                         bind=True)
         self.records = transport.socket(self.ctx, zmq.PUSH, ep.records, bind=False)
@@ -170,7 +172,7 @@ class LoaderWorker(Worker):
             index, item = entry.payload
             try:
                 with self.busy():
-                    data = self.sources[index].read(item)
+                    data = self.sources[index].read(item, self.max_bytes)
             except ReadError as exc:
                 self.inflight.complete(entry.ticket)
                 self._forward([Record.failure(entry.key, entry.source, self.plan.model_name, exc, entry.t0)])
@@ -211,7 +213,7 @@ class LoaderWorker(Worker):
         self.items = self.emitted
         try:
             with self.busy():
-                data = self.sources[index].read(item)  # raises ReadError for missing or empty inputs
+                data = self.sources[index].read(item, self.max_bytes)  # raises ReadError for missing or empty inputs
         except ReadError as exc:
             self._forward([Record.failure(key, item.source, self.plan.model_name, exc, t0)])
             return

@@ -25,6 +25,16 @@ from wanwu.specs import FrameSpec, ImageInfo, Preprocess
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 100_000_000
+# No image within a pixel limit needs more encoded bytes than 16-bit RGBA stored raw (TIFF,
+# uncompressed PNG): 8 a pixel, plus room for headers, metadata and an embedded thumbnail.
+# A larger file is not such an image, and reading it whole could take all the memory.
+MAX_ENCODED_BYTES_PER_PIXEL = 8
+ENCODED_SLACK_BYTES = 64 << 20
+
+
+def max_encoded_bytes(max_pixels: int) -> int:
+    """The most bytes an encoded image within ``max_pixels`` may have; larger inputs are refused unread."""
+    return max_pixels * MAX_ENCODED_BYTES_PER_PIXEL + ENCODED_SLACK_BYTES
 
 
 @dataclass(frozen=True)

@@ -59,8 +59,9 @@ class Source(ABC):
         """Yield every input once, in a deterministic order."""
 
     @abstractmethod
-    def read(self, item: SourceItem) -> bytes | memoryview:
-        """The encoded bytes of ``item``. Raises ``ReadError`` if they cannot be read."""
+    def read(self, item: SourceItem, max_bytes: int | None = None) -> bytes | memoryview:
+        """The encoded bytes of ``item``. Raises ``ReadError`` if they cannot be read, or if there
+        are more than ``max_bytes`` of them (None: no bound; then they are not read)."""
 
     def scan_range(self, start: str | None = None, stop: str | None = None) -> Iterator[SourceItem]:
         """The items from the one at position ``start`` up to, not including, the one at ``stop``.

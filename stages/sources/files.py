@@ -17,15 +17,16 @@ logger = logging.getLogger(__name__)
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
-def read_file(path: str) -> bytes:
+def read_file(path: str, max_bytes: int | None = None) -> bytes:
     """The whole content of the regular file at ``path``, as a fresh ``bytes``.
 
     The file is mapped and copied out, then the map and descriptor are closed, so
     the caller holds no open resource.
 
     Raises:
-        ReadError: the file is missing, vanished, unreadable, not a regular file or
-            empty; the message names the path and the OS error.
+        ReadError: the file is missing, vanished, unreadable, not a regular file,
+            empty, or larger than ``max_bytes`` (then it is not read); the message
+            names the path and the OS error.
     """
     try:
         fd = os.open(path, _OPEN_FLAGS)
@@ -37,6 +38,7 @@ def read_file(path: str) -> bytes:
             raise ReadError(f"cannot read {path!r}: expected a regular file")
         if info.st_size == 0:
             raise ReadError(f"{path!r} is empty (0 bytes)")
+        check_size(path, info.st_size, max_bytes)
         # A file truncated by another process while mapped raises SIGBUS on access;
         # the copy below is the only access and takes microseconds, which keeps
         # that window small.
@@ -49,6 +51,13 @@ def read_file(path: str) -> bytes:
         raise ReadError(f"cannot read {path!r}: {exc.strerror or exc}") from exc
     finally:
         os.close(fd)
+
+
+def check_size(name: str, size: int, max_bytes: int | None) -> None:
+    """Raise ``ReadError`` when an input of ``size`` bytes is larger than ``max_bytes`` (None: no bound)."""
+    if max_bytes is not None and size > max_bytes:
+        raise ReadError(f"expected an image of at most {max_bytes:,} bytes (more than any image within the "
+                        f"pixel limit needs), got {name!r} of {size:,} bytes; not read")
 
 
 def key_text(name: str) -> str:

@@ -47,9 +47,9 @@ class FolderSource(Source):
         except OSError as exc:
             raise ConfigError(f"expected a readable folder, got {self.location!r}: {exc}") from exc
 
-    def read(self, item: SourceItem) -> bytes:
-        """The file's bytes. Raises ``ReadError`` if it is empty, vanished or unreadable."""
-        return read_file(item.locator)
+    def read(self, item: SourceItem, max_bytes: int | None = None) -> bytes:
+        """The file's bytes. Raises ``ReadError`` if it is empty, vanished, unreadable or too large."""
+        return read_file(item.locator, max_bytes)
 
 
 def walk_images(root: str, prune: Callable[[os.DirEntry[str]], bool] | None = None,

@@ -69,6 +69,6 @@ class ListFileSource(Source):
         except OSError as exc:
             raise ConfigError(f"expected a readable list file, got {self.location!r}: {exc}") from exc
 
-    def read(self, item: SourceItem) -> bytes:
-        """The listed file's bytes. Raises ``ReadError`` if it is missing, empty or unreadable."""
-        return read_file(item.locator)
+    def read(self, item: SourceItem, max_bytes: int | None = None) -> bytes:
+        """The listed file's bytes. Raises ``ReadError`` if it is missing, empty, unreadable or too large."""
+        return read_file(item.locator, max_bytes)

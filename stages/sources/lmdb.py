@@ -9,6 +9,7 @@ from typing import Any, Iterator
 
 from wanwu.errors import ConfigError, ReadError
 from wanwu.stages.sources.base import Source, SourceItem
+from wanwu.stages.sources.files import check_size
 
 logger = logging.getLogger(__name__)
 
@@ -70,20 +71,22 @@ class LmdbSource(Source):
                     key = raw.decode("utf-8", "backslashreplace")
                 yield SourceItem(key=key, source=self.location, locator=locator, position=locator)
 
-    def read(self, item: SourceItem) -> bytes:
+    def read(self, item: SourceItem, max_bytes: int | None = None) -> bytes:
         """A copy of the value stored under ``item.locator``.
 
         Raises:
-            ReadError: the key is not in the archive, or its value is empty.
+            ReadError: the key is not in the archive, or its value is empty or larger
+                than ``max_bytes`` (then it is not copied).
         """
         env = self._open()
-        with env.begin(buffers=False) as txn:
-            value = txn.get(item.locator.encode("utf-8", "surrogateescape"))
-        if value is None:
-            raise ReadError(f"cannot read {item.key!r}: no such key in {self.location!r}")
-        if not value:
-            raise ReadError(f"{item.key!r} in {self.location!r} is empty (0 bytes)")
-        return value
+        with env.begin(buffers=True) as txn:  # a view into the map: measured before it is copied
+            view = txn.get(item.locator.encode("utf-8", "surrogateescape"))
+            if view is None:
+                raise ReadError(f"cannot read {item.key!r}: no such key in {self.location!r}")
+            if not len(view):
+                raise ReadError(f"{item.key!r} in {self.location!r} is empty (0 bytes)")
+            check_size(f"{self.location}:{item.key}", len(view), max_bytes)
+            return bytes(view)
 
     def _open(self) -> Any:
         if self._env is None:
