@@ -190,6 +190,22 @@ def test_records_stream_to_stdout_with_out_dash(tmp_path):
     assert shown.returncode == 0 and len(shown.stdout.splitlines()) == 4 and "埃及猫" in shown.stdout, shown.stderr
 
 
+def test_a_job_whose_log_reader_went_away_finishes_its_work(tmp_path):
+    """`wanwu run ... 2>&1 | tee log` and tee is killed, or the terminal hangs up: the progress
+    lines (every 10 s) and the summary cannot be written any more. The job still ends its work,
+    with its exit status, instead of dying of the broken pipe."""
+    import subprocess
+
+    from conftest import wanwu_cmd
+
+    out = tmp_path / "frames.jsonl"
+    proc = subprocess.Popen(wanwu_cmd("run", "testsrc:frames=260,fps=20", "--out", str(out), "--progress", "log",
+                                      "--batch-size", "8"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc.stderr.close()  # nobody reads the log any more
+    assert proc.wait(timeout=120) == 0
+    assert len(read_records(str(out))) == 260
+
+
 def test_an_output_device_that_refuses_writes_fails_at_once_with_one_line(tmp_path):
     """/dev/full behind a .jsonl name: reading it as a ledger would never end; writing fails.
     The job ends with exit 1 and the reason, told without a traceback (it is no bug)."""

@@ -117,7 +117,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         result = run_cluster_job(cfg, cluster)
     else:
         result = run_job(cfg)
-    print(result.summary(args.out), file=sys.stderr)
+    say(result.summary(args.out))
     if args.stats_json:
         import json
 
@@ -162,6 +162,17 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def say(text: str) -> None:
+    """A line on stderr. When nobody reads it any more (its reader exited: EPIPE; the terminal
+    hung up: EIO), stderr goes to /dev/null: the exit status is the job's, not the log's."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except OSError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stderr.fileno())  # the text still buffered is flushed there at exit
+        os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -172,11 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as exc:
-        print(f"wanwu: error: {exc}", file=sys.stderr)
+        say(f"wanwu: error: {exc}")
         return EXIT_USAGE
     except WanwuError as exc:
-        print(f"wanwu: failed: {exc}", file=sys.stderr)
+        say(f"wanwu: failed: {exc}")
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print("wanwu: interrupted", file=sys.stderr)
+        say("wanwu: interrupted")
         return 130

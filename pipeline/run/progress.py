@@ -69,11 +69,19 @@ class Progress:
     def _draw(self, line: str) -> None:
         if self.mode == "bar":
             pad = max(0, len(self._last_line) - len(line))
-            self.stream.write("\r" + line + " " * pad)
+            self._write("\r" + line + " " * pad)
         else:
-            self.stream.write(line + "\n")
+            self._write(line + "\n")
         self._last_line = line
-        self.stream.flush()
+
+    def _write(self, text: str) -> None:
+        """Write and flush; when the stream is gone (its reader exited: EPIPE; the terminal hung
+        up: EIO), stop drawing. Progress is for watching: losing the watcher must not end the job."""
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except OSError:
+            self.mode = "none"
 
     def finish(self, ok: int, errors: int, total: int | None) -> None:
         """Draw the final state of the bar (log mode leaves that to the summary)."""
@@ -83,7 +91,6 @@ class Progress:
     def close(self) -> None:
         """End the bar's line. Safe to call twice."""
         if self.mode == "bar" and self._last_line:
-            self.stream.write("\n")
-            self.stream.flush()
+            self._write("\n")
             self._last_line = ""
 
