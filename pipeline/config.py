@@ -162,6 +162,7 @@ class JobConfig(PipelineConfig):
     progress: str = "auto"  # auto | bar | log | none
     log_interval_s: float = 10.0  # between progress lines when not on a terminal
     duration_s: float = 0.0  # stop taking input after this long (live streams); 0 = until the inputs end
+    retry_errors: bool = False  # drop the output's error records first: their inputs are tried again
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -190,6 +190,34 @@ def test_records_stream_to_stdout_with_out_dash(tmp_path):
     assert shown.returncode == 0 and len(shown.stdout.splitlines()) == 4 and "埃及猫" in shown.stdout, shown.stderr
 
 
+@pytest.mark.parametrize("ext", ["jsonl", "sqlite"])
+def test_retry_errors_tries_the_failed_inputs_again_and_only_those(tmp_path, photos, ext):
+    """A file caught half-copied fails; once it is whole, a plain rerun keeps its error record
+    (the output is the ledger), and ``--retry-errors`` recognises it, leaving the rest alone."""
+    from conftest import jpeg_bytes
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    whole = jpeg_bytes(photos["chelsea"])
+    (folder / "coffee.jpg").write_bytes(jpeg_bytes(photos["coffee"]))
+    (folder / "猫 cat.jpg").write_bytes(whole[: len(whole) // 3])  # still being copied
+    out = tmp_path / f"r.{ext}"
+    args = ("run", str(folder), "--out", str(out), "--progress", "none")
+    assert run_wanwu(*args).returncode == 3
+    first = {r["key"]: r for r in read_records(str(out))}
+    assert first["猫 cat.jpg"]["error"]["type"] == "DecodeError" and first["coffee.jpg"]["error"] is None
+    (folder / "猫 cat.jpg").write_bytes(whole)  # the copy completes
+    assert run_wanwu(*args).returncode == 3  # without the flag: done is done
+    proc = run_wanwu(*args, "--retry-errors")
+    assert proc.returncode == 0, proc.stderr
+    assert "1 recognised, 0 errors, 1 already done (0 errors), 1 tried again after an error" in proc.stderr
+    records = read_records(str(out))
+    assert sorted(r["key"] for r in records) == ["coffee.jpg", "猫 cat.jpg"]
+    by_key = {r["key"]: r for r in records}
+    assert by_key["猫 cat.jpg"]["error"] is None and by_key["猫 cat.jpg"]["labels"][0]["class_id"] in CAT_CLASSES
+    assert by_key["coffee.jpg"] == first["coffee.jpg"]  # the good record untouched
+
+
 def test_a_job_whose_log_reader_went_away_finishes_its_work(tmp_path):
     """`wanwu run ... 2>&1 | tee log` and tee is killed, or the terminal hangs up: the progress
     lines (every 10 s) and the summary cannot be written any more. The job still ends its work,

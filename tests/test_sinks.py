@@ -112,6 +112,48 @@ def test_reopen_returns_done_keys_and_never_doubles(tmp_path: Path, kind: str) -
     assert all(r["labels"][0]["label"] == "虎斑猫" for r in back)  # the first record wins
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_drop_errors_leaves_the_other_records_as_they_were_and_their_keys_to_do(tmp_path: Path, kind: str) -> None:
+    path = out_path(tmp_path, kind)
+    sink = create_sink(str(path))
+    assert sink.drop_errors() == 0 and not path.exists()  # no output yet: nothing to drop, nothing made
+    sink, _ = opened(path)
+    written = [record("a.jpg"), error_record("坏 b.jpg"), record("c.jpg"), error_record("d.jpg"), record("e.jpg")]
+    sink.write(written[:3])
+    sink.write(written[3:])
+    sink.shutdown()
+    before = path.read_bytes()
+    sink = create_sink(str(path))
+    assert sink.drop_errors() == 2
+    sink.shutdown()
+    assert read_records(str(path)) == [written[0], written[2], written[4]]
+    if kind == "jsonl":  # the kept lines byte for byte, and no temporary file left beside them
+        kept = [line for line in before.splitlines(keepends=True) if b'"error":null' in line]
+        assert path.read_bytes() == b"".join(kept)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    sink, done = opened(path)
+    assert done == {"a.jpg", "c.jpg", "e.jpg"} and sink.prior_errors == 0
+    if kind == "jsonl":
+        with pytest.raises(SinkError, match="once it is open"):
+            sink.drop_errors()
+    sink.write([record("坏 b.jpg", "修好了")])  # its input, tried again
+    sink.shutdown()
+    assert [r["key"] for r in read_records(str(path))] == ["a.jpg", "c.jpg", "e.jpg", "坏 b.jpg"]
+    assert create_sink(str(path)).drop_errors() == 0
+
+
+def test_jsonl_drop_errors_through_a_symlink_rewrites_its_target(tmp_path: Path) -> None:
+    real = tmp_path / "store" / "r.jsonl"
+    real.parent.mkdir()
+    sink, _ = opened(real)
+    sink.write([record("a.jpg"), error_record("b.jpg")])
+    sink.shutdown()
+    link = tmp_path / "r.jsonl"
+    link.symlink_to(real)
+    assert create_sink(str(link)).drop_errors() == 1
+    assert link.is_symlink() and [r["key"] for r in read_records(str(real))] == ["a.jpg"]
+
+
 @pytest.mark.parametrize(
     "tail", [b'{"key": "torn.jpg", "source": "pho', b'{"key": "x.jpg"}', b"\x00" * 300 + b"\n"]
 )

@@ -134,6 +134,7 @@ class ClusterJob:
     def run(self) -> JobResult:
         cfg = self.cfg
         sink = create_sink(cfg.out)
+        self.result.retried = sink.drop_errors() if cfg.retry_errors else 0
         self.done = sink.open(ledger=True)  # repairs a torn tail left by a crash
         self.result.skipped, self.result.prior_errors = len(self.done), sink.prior_errors
         sink.shutdown()

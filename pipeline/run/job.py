@@ -50,6 +50,7 @@ class JobResult:
     ok: int = 0  # records with labels written this run
     errors: int = 0  # error records written this run
     skipped: int = 0  # inputs already in the output (resumed)
+    retried: int = 0  # error records dropped from the output to try their inputs again (--retry-errors)
     prior_errors: int = 0  # error records among those
     total: int | None = None  # inputs this run had to process, once the scan is over
     elapsed_s: float = 0.0
@@ -84,6 +85,7 @@ class JobResult:
     def summary(self, out: str) -> str:
         """The final summary: counts, throughput and each stage's busy share."""
         earlier = f", {self.skipped} already done ({self.prior_errors} errors)" if self.skipped else ""
+        earlier += f", {self.retried} tried again after an error" if self.retried else ""
         lines = [
             f"wanwu: {self.status}: {self.ok} recognised, {self.errors} errors{earlier} "
             f"in {self.elapsed_s:.1f} s ({self.images_per_s:.1f} images/s) -> {out}"
@@ -131,6 +133,7 @@ class Job:
         plan = make_plan(cfg, model, sources)  # refuses mismatched stages before any process starts
         endless = any(s.endless for s in sources)
         sink = create_sink(cfg.out)
+        self.result.retried = sink.drop_errors() if cfg.retry_errors else 0
         done = sink.open(ledger=not endless)  # repairs a torn tail left by a crash
         sink.shutdown()
         self.result.skipped, self.result.prior_errors = len(done), sink.prior_errors

@@ -54,6 +54,12 @@ class Sink(ABC):
     def write(self, records: Iterable[Writable]) -> None:
         """Append records durably (flushed to the OS before returning)."""
 
+    @abstractmethod
+    def drop_errors(self) -> int:
+        """Remove the error records from the output, before ``open()``, so that a resumed job
+        tries their inputs again (``wanwu run --retry-errors``); return how many were removed.
+        All or nothing: a crash leaves the output as it was or without every error record."""
+
     def shutdown(self) -> None:
         """Flush and close the output. Safe to call twice."""
         if not self._closed:

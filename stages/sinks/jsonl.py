@@ -6,6 +6,8 @@ import fcntl
 import json
 import logging
 import os
+import stat
+import tempfile
 from typing import IO, Iterable, Iterator
 
 from wanwu.errors import SinkError
@@ -127,6 +129,48 @@ class JsonlSink(Sink):
         if self._keys is not None:
             self._keys.update(record["key"] for record in batch)
 
+    def drop_errors(self) -> int:
+        """Rewrite the file without its error records (a stream has none to drop).
+
+        The other lines are copied as they are into a new file beside it, which then takes its
+        place in one rename: a crash leaves the old file or the new one, both whole. Streams
+        through the file: memory stays flat however large it is.
+
+        Raises:
+            SinkError: after ``open()``; the file cannot be read, written or replaced; or it
+                is corrupt before its last record.
+        """
+        if self._file is not None or self._stream:
+            raise SinkError(f"cannot drop the error records of {self.path!r} once it is open")
+        if is_stream(self.path) or not os.path.exists(self.path):
+            return 0
+        target = os.path.realpath(self.path)  # a symlink keeps pointing at the output
+        directory = os.path.dirname(target)
+        dropped = 0
+        try:
+            with open(target, "rb") as old:
+                _lock(old, self.path)  # no job may append to it meanwhile
+                fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".retry", dir=directory)
+                try:
+                    with os.fdopen(fd, "wb") as new:
+                        for record, _, line in _records(old, self.path):
+                            if record.get("error") is None:
+                                new.write(line)
+                            else:
+                                dropped += 1
+                        new.flush()
+                        os.fsync(new.fileno())
+                        os.chmod(tmp, stat.S_IMODE(os.fstat(old.fileno()).st_mode))
+                    if dropped:
+                        os.replace(tmp, target)
+                        _fsync_dir(directory)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+        except OSError as exc:
+            raise SinkError(f"cannot drop the error records of {self.path!r}: {exc}") from exc
+        return dropped
+
     def _open_stream(self) -> set[str]:
         """No ledger, no lock (two jobs may both write to /dev/null); only a check that the
         stream can be written, so that a job is refused before it starts rather than at its
@@ -163,7 +207,7 @@ class JsonlSink(Sink):
         """
         try:
             with open("/dev/stdin" if path == STDOUT else path, "rb") as lines:
-                return [normalise(record) for record, _ in _records(lines, path)]
+                return [normalise(record) for record, _, _ in _records(lines, path)]
         except OSError as exc:
             raise SinkError(f"cannot read {path!r}: {exc}") from exc
 
@@ -174,7 +218,7 @@ def _read_ledger(path: str, ledger: bool = True) -> tuple[set[str] | None, int, 
     keys: set[str] = set()
     good_end = errors = 0
     with open(path, "rb") as lines:
-        for record, good_end in _records(lines, path):
+        for record, good_end, _ in _records(lines, path):
             if record.get("error") is not None and (not ledger or record["key"] not in keys):
                 errors += 1
             if ledger:
@@ -182,8 +226,8 @@ def _read_ledger(path: str, ledger: bool = True) -> tuple[set[str] | None, int, 
     return (keys if ledger else None), good_end, errors
 
 
-def _records(lines: IO[bytes], path: str) -> Iterator[tuple[Record, int]]:
-    """Each valid record with the offset just after its line.
+def _records(lines: IO[bytes], path: str) -> Iterator[tuple[Record, int, bytes]]:
+    """Each valid record with the offset just after its line, and the line.
 
     A crash can leave only a tail that is not a whole record: a line without its
     newline, or (after a power loss) junk lines. Those are skipped here and cut off
@@ -204,7 +248,7 @@ def _records(lines: IO[bytes], path: str) -> Iterator[tuple[Record, int]]:
                 f"{path}: line {bad_line} is not a JSON record but later lines are; "
                 "expected damage only at the end of the file; fix or remove that line"
             )
-        yield record, offset
+        yield record, offset, line
 
 
 def _parse(line: bytes) -> Record | None:

@@ -112,6 +112,22 @@ class SqliteSink(Sink):
                 self._conn.execute("ROLLBACK")
             raise SinkError(f"cannot write {len(rows)} records to {self.path!r}: {exc}") from exc
 
+    def drop_errors(self) -> int:
+        """Delete the error records in one statement, which SQLite runs as one transaction (none
+        when there is no database yet).
+
+        Raises:
+            SinkError: the file is not a wanwu database, or SQLite refuses.
+        """
+        if not os.path.exists(self.path):
+            return 0
+        self.open(ledger=False)
+        assert self._conn is not None
+        try:
+            return self._conn.execute("DELETE FROM results WHERE error IS NOT NULL").rowcount
+        except sqlite3.Error as exc:
+            raise SinkError(f"cannot drop the error records of {self.path!r}: {exc}") from exc
+
     def _shutdown(self) -> None:
         if self._conn is not None:
             self._conn.close()
