@@ -34,8 +34,8 @@ class GatedSource(Source):
             time.sleep(GATE_POLL_S)
         yield from self.inner.scan()
 
-    def read(self, item: SourceItem) -> bytes | memoryview:
-        return self.inner.read(item)
+    def read(self, item: SourceItem, max_bytes: int | None = None) -> bytes | memoryview:
+        return self.inner.read(item, max_bytes)
 
     def _shutdown(self) -> None:
         self.inner.shutdown()
