@@ -15,6 +15,10 @@ bounded (``max_bytes``): past 60% of it the least recently used entries go, and
 a hit renews its entry (recorded in batches, not one write per hit). A file
 that is not a wanwu cache is refused, untouched. Error records are not cached by
 default: a truncated upload may be sent whole again.
+
+The cache is only ever a shortcut: when its disk is full or failing, a lookup
+counts as a miss and answers are not kept (for ``WRITE_RETRY_S``, then writing is
+tried again), with one warning; the job or the daemon goes on recognising.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ FORMAT = b"wanwu-cache 1"  # in the meta database: a file without it is not ours
 EVICT_AT = 0.6  # entries taking this share start an eviction
 EVICT_TO = 0.45  # it stops at this share
 TOUCH_FLUSH_S = 1.0  # hits renew their entries in one write at most this often
+WRITE_RETRY_S = 60.0  # after a failed write (a full or failing disk), writes rest this long
 _STAMP = struct.Struct(">d")  # last use, big-endian, so the LRU index sorts by time
 
 
@@ -151,6 +156,8 @@ class RecordCache:
         self._lock = threading.Lock()  # counts and pending touches: threads of a daemon share one cache
         self._touched: dict[bytes, float] = {}
         self._last_flush = time.monotonic()
+        self._writes_resume = 0.0  # monotonic time before which writing is not tried (after a failure)
+        self._failing = False  # a failure was reported and nothing has worked since
         if os.path.exists(path) and not os.path.isdir(path):
             raise ConfigError(f"expected a wanwu cache folder at {path!r}, got a file; it is left untouched")
         os.makedirs(path, exist_ok=True)
@@ -176,10 +183,16 @@ class RecordCache:
 
     def get(self, key: bytes) -> dict[str, Any] | None:
         """The cached answer for content ``key`` (``digest``), or None; counted as a hit or a miss."""
+        import lmdb
+
         full = self.identity + key
-        with self._env.begin(buffers=True) as txn:
-            value = txn.get(full, db=self._answers)
-            answer = json.loads(bytes(value[_STAMP.size:])) if value is not None else None
+        try:
+            with self._env.begin(buffers=True) as txn:
+                value = txn.get(full, db=self._answers)
+                answer = json.loads(bytes(value[_STAMP.size:])) if value is not None else None
+        except lmdb.Error as exc:  # a failing disk: a miss, and the image is recognised
+            self._failed("read", exc)
+            answer = None
         with self._lock:
             if answer is None:
                 self.counts.misses += 1
@@ -206,8 +219,20 @@ class RecordCache:
         import lmdb
 
         keep = [(self.identity + key, r) for key, r in entries if r.error is None or self.cache_errors]
-        if not keep:
+        if not keep or not self._may_write():
             return
+        try:
+            self._put(keep)
+            self.flush()
+            self._evict()
+        except lmdb.Error as exc:  # a full or failing disk: what was not committed is not kept
+            self._failed("write", exc)
+        else:
+            self._failing = not self._may_write()  # a spell of failures is over once a write went through
+
+    def _put(self, keep: list[tuple[bytes, Record]]) -> None:
+        import lmdb
+
         for attempt in range(2):
             inserted = 0
             try:
@@ -232,8 +257,18 @@ class RecordCache:
                     logger.warning("cache %s is full even after eviction; %d answers not kept", self.path, len(keep))
                     return
                 self._evict(force=True)
-        self.flush()
-        self._evict()
+
+    def _may_write(self) -> bool:
+        return time.monotonic() >= self._writes_resume
+
+    def _failed(self, doing: str, exc: Exception) -> None:
+        """The disk under the cache failed: warn once per spell of failures; writes rest a while."""
+        if doing == "write":
+            self._writes_resume = time.monotonic() + WRITE_RETRY_S
+        if not self._failing:
+            self._failing = True
+            logger.warning("cache %s: cannot %s (%s); recognising without it (writes tried again in %.0f s)",
+                           self.path, doing, exc, WRITE_RETRY_S)
 
     def record(self, answer: dict[str, Any], key: str, source: str, t0: float) -> Record:
         """The record of a hit: the cached answer under the new input's key and source."""
@@ -244,11 +279,19 @@ class RecordCache:
 
     def flush(self) -> None:
         """Renew the entries of recent hits (their place in the eviction order)."""
+        import lmdb
+
         with self._lock:
             touched, self._touched = self._touched, {}
             self._last_flush = time.monotonic()
-        if not touched:
+        if not touched or not self._may_write():
             return
+        try:
+            self._renew(touched)
+        except lmdb.Error as exc:  # renewals are a hint for eviction: lost, not fatal
+            self._failed("write", exc)
+
+    def _renew(self, touched: dict[bytes, float]) -> None:
         with self._env.begin(write=True) as txn:
             for full, stamp in touched.items():
                 old = txn.get(full, db=self._answers)

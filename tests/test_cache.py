@@ -225,6 +225,33 @@ def test_a_cache_filled_by_run_answers_serve(twins, tmp_path, photos):
         assert served.stop() == 0
 
 
+def test_a_cache_on_a_full_disk_costs_speed_never_the_job(tmp_path, photos):
+    """The cache lives on a 128 KiB tmpfs (mounted in a user and mount namespace of the test's
+    own): it opens, then its disk fills up after a few dozen answers. Every image still gets
+    its record, the job ends 0, and the warning says why answers are not kept."""
+    import subprocess
+
+    from conftest import make_corpus, wanwu_cmd
+
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs `unshare -rm` (user and mount namespaces) to mount a small tmpfs")
+    keys = make_corpus(tmp_path / "in", photos, 100)
+    cache, out = tmp_path / "cache", tmp_path / "r.jsonl"
+    cache.mkdir()
+    command = " ".join(f"'{a}'" for a in wanwu_cmd("run", str(tmp_path / "in"), "--out", str(out), "--cache",
+                                                    str(cache), "--progress", "none", "--stats-json",
+                                                    str(tmp_path / "stats.json")))
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=128k tmpfs '{cache}' && exec {command}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    records = read_records(str(out))
+    assert sorted(r["key"] for r in records) == sorted(keys) and all(r["error"] is None for r in records)
+    # LMDB reports the full disk as it sees it (ENOSPC, or EIO from its commit).
+    assert proc.stderr.count("cannot write (mdb_") == 1 and "recognising without it" in proc.stderr, proc.stderr
+    counts = json.loads((tmp_path / "stats.json").read_text())["cache"]
+    assert counts["misses"] == 100 and 0 < counts["insertions"] < 100, counts  # some kept before the disk filled
+
+
 def test_cache_command_stats_and_clear(tmp_path):
     cache = RecordCache(str(tmp_path / "c"), ID_A, max_bytes=1 << 22)
     cache.put([(digest(b"x"), answer("x.jpg"))])
