@@ -163,6 +163,7 @@ class JobConfig(PipelineConfig):
     log_interval_s: float = 10.0  # between progress lines when not on a terminal
     duration_s: float = 0.0  # stop taking input after this long (live streams); 0 = until the inputs end
     retry_errors: bool = False  # drop the output's error records first: their inputs are tried again
+    stall_timeout_s: float = 60.0  # a worker without a heartbeat, or stuck in one piece of work, this long
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -172,6 +173,8 @@ class JobConfig(PipelineConfig):
             raise ConfigError(f"--progress must be one of {', '.join(MODES)}, got {self.progress!r}")
         if self.duration_s < 0:
             raise ConfigError(f"--duration must be 0 (no limit) or positive, got {self.duration_s}")
+        if not self.stall_timeout_s > 0:
+            raise ConfigError(f"--stall-timeout-s must be positive, got {self.stall_timeout_s}")
         _check_distinct(self.inputs)
 
 

@@ -93,3 +93,31 @@ def test_a_killed_inference_process_is_replaced_and_every_record_is_written_once
     summary = json.loads(stats.read_text())
     # The inference process and, with it, every decoder (their slots' releases died with it).
     assert summary["restarts"] == 1 + len(decoders) and (summary["ok"], summary["errors"]) == (len(keys), 0)
+
+
+@pytest.mark.parametrize("role", ["loader", "sink"])
+def test_a_stuck_loader_or_sink_ends_the_job_with_the_reason_instead_of_hanging(tmp_path, role):
+    """They hold the ledger and are not restarted: frozen (SIGSTOP, as a hung mount would leave
+    them), the watchdog kills it after --stall-timeout-s and the job fails (exit 1), saying
+    which and why, and leaves no process behind; before, it waited for ever."""
+    out = tmp_path / "r.jsonl"
+    proc = subprocess.Popen(wanwu_cmd("run", "testsrc:fps=25", "--out", str(out), "--progress", "none",
+                                      "--batch-size", "4", "--stall-timeout-s", "3"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while count_lines(out) < 8:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        (stuck,) = worker_pids(proc.pid, role)
+        os.kill(stuck, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        _, stderr = proc.communicate(timeout=60)
+        took = time.monotonic() - frozen_at
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, stderr
+    assert f"{role} is stuck (no sign of life" in stderr and "ends the job" in stderr, stderr
+    assert took < 30, took
+    assert not worker_pids(proc.pid, role) and not os.path.exists(f"/proc/{stuck}")

@@ -52,6 +52,10 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="also write the job's counts and timings as JSON")
     p.add_argument("--duration", dest="duration_s", type=non_negative, default=0.0, metavar="S",
                    help="stop taking input after S seconds, then finish what is in flight (0: no limit)")
+    p.add_argument("--stall-timeout-s", type=float, default=60.0, metavar="S",
+                   help="a decoder or inference process stuck this long is replaced; a stuck loader or sink "
+                        "(they hold the ledger) ends the job with exit 1 instead of leaving it hanging; "
+                        "a rerun resumes")
     p.add_argument("--retry-errors", action="store_true",
                    help="drop the error records the output holds, so that their inputs are tried again")
     add_stage_options(p)
@@ -110,7 +114,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for location in inputs:
         source_kind(location)  # fail fast on a bad input, before anything else
     cfg = JobConfig(inputs=tuple(inputs), out=args.out, progress=args.progress, duration_s=args.duration_s,
-                    retry_errors=args.retry_errors,
+                    retry_errors=args.retry_errors, stall_timeout_s=args.stall_timeout_s,
                     **pipeline_fields(args))
     _check_model(args)
     cluster = ray_config(args)

@@ -30,7 +30,7 @@ from wanwu.errors import ConfigError, StageError
 from wanwu.pipeline.config import JobConfig
 from wanwu.pipeline.run.progress import Progress
 from wanwu.pipeline.topology.messages import Drain, Event, EventKind
-from wanwu.pipeline.topology.owner import Topology
+from wanwu.pipeline.topology.owner import RestartPolicy, Topology
 from wanwu.pipeline.topology.plan import make_plan
 from wanwu.stages.models.base import get_model_spec
 from wanwu.stages.sinks.base import create_sink
@@ -140,7 +140,7 @@ class Job:
         roles = [("sink", 0), ("inference", 0)] + [("decoder", i) for i in range(plan.decoders)] + [("loader", 0)]
         handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         self.started_at = time.perf_counter()
-        topology = self.topology = Topology(cfg, plan, roles)
+        topology = self.topology = Topology(cfg, plan, roles, RestartPolicy(stall_timeout_s=cfg.stall_timeout_s))
         try:
             done_path = os.path.join(topology.job_dir, "done-keys.pickle")
             with open(done_path, "wb") as f:

@@ -24,9 +24,11 @@ Restart rules, chosen so that no slot is ever read while someone writes it:
 * a replacement that cannot even be spawned (no file descriptors or memory left)
   is tried again later, with the same growing delay, rather than given up on;
 * the watchdog: every worker beats once a second from a thread of its own, with
-  how long its work in progress has run. A restartable worker whose beats stop
-  (a frozen process) or whose one piece of work outlasts ``stall_timeout_s`` (a
-  hang) is killed, and so replaced by the rules above. When the owner finds that it
+  how long its work in progress has run. A worker whose beats stop (a frozen
+  process) or whose one piece of work outlasts ``stall_timeout_s`` (a hang) is
+  killed, and so replaced by the rules above; one that is not restartable (the
+  batch job's loader and sink, which hold its ledger) ends the job with the reason,
+  rather than leave it hanging for ever: a rerun resumes. When the owner finds that it
   did not run itself for a while (the whole job or daemon was stopped with Ctrl-Z or
   SIGSTOP, or starved), every worker gets a fresh stall timeout instead.
 """
@@ -273,7 +275,8 @@ class Topology:
         return self._restart(restarted)
 
     def _watch(self, now: float) -> None:
-        """The watchdog: kill restartable workers that stopped beating, or hang in one piece of work."""
+        """The watchdog: kill workers that stopped beating, or hang in one piece of work (a worker that
+        cannot be restarted then ends everything, in ``supervise``)."""
         limit = self.policy.stall_timeout_s
         paused = now - self._last_watch if self._last_watch else 0.0
         self._last_watch = now
@@ -289,14 +292,15 @@ class Topology:
         if now < self._grace_until:
             return
         for position in self.positions.values():
-            if not (position.restartable and position.ready and position.alive()):
+            if not (position.ready and position.alive()):
                 continue
             silent = now - position.last_seen
             if silent <= limit and position.busy_for_s <= limit:
                 continue
             why = (f"no sign of life for {silent:.0f} s" if silent > limit else
                    f"one piece of work ran {position.busy_for_s:.0f} s")
-            logger.error("%s is stuck (%s, stall timeout %.0f s); killing it", position.name, why, limit)
+            logger.error("%s is stuck (%s, stall timeout %.0f s); killing it%s", position.name, why, limit,
+                         "" if position.restartable else ", which ends the job (a rerun resumes it)")
             position.fatal = f"stuck: {why}"
             self._kill(position)  # reaped here; supervise notices the death and applies the restart rules
             self.stalls += 1
