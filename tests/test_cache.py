@@ -241,7 +241,8 @@ def test_a_cache_on_a_full_disk_costs_speed_never_the_job(tmp_path, photos):
     command = " ".join(f"'{a}'" for a in wanwu_cmd("run", str(tmp_path / "in"), "--out", str(out), "--cache",
                                                     str(cache), "--progress", "none", "--stats-json",
                                                     str(tmp_path / "stats.json")))
-    proc = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=128k tmpfs '{cache}' && exec {command}"],
+    mount = f"mount -t tmpfs -o size=128k tmpfs '{cache}'"
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", f"{mount} && exec {command}"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     records = read_records(str(out))
