@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -368,3 +369,31 @@ def test_a_stream_that_refuses_writes_fails_with_the_reason(tmp_path):
     (tmp_path / "r.sqlite").symlink_to("/dev/null")
     with pytest.raises(ConfigError, match="regular file for an SQLite output"):
         create_sink(str(tmp_path / "r.sqlite"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_an_output_removed_or_replaced_while_written_stops_the_writer(tmp_path: Path, kind: str, how: str) -> None:
+    """Writing on into a removed file (or one renamed over) would lose every later record
+    without a word; the sink says what happened instead."""
+    path = out_path(tmp_path, kind)
+    sink, _ = opened(path)
+    sink.write([record("a.jpg")])
+    if how == "removed":
+        path.unlink()
+    else:
+        other = out_path(tmp_path / "other", kind)
+        other.parent.mkdir()
+        writer, _ = opened(other)
+        writer.write([record("x.jpg")])
+        writer.shutdown()
+        os.replace(other, path)
+    with pytest.raises(SinkError, match=f"it was {how}.*while the job ran"):
+        sink.write([record("b.jpg")])
+    sink.shutdown()
+    moved = tmp_path / f"moved.{kind}"
+    sink, _ = opened(path if how == "replaced" else out_path(tmp_path, kind))
+    os.rename(path, moved)  # a rename is a removal too, as seen from the path
+    with pytest.raises(SinkError, match="it was removed"):
+        sink.write([record("c.jpg")])
+    sink.shutdown()

@@ -24,15 +24,15 @@ import stat
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Iterable
 
-from wanwu.errors import ConfigError
+from wanwu.errors import ConfigError, SinkError
 from wanwu.records import RECORD_FIELDS, Record as RecordObject
 from wanwu.registry import Registry
 
 Record = dict[str, Any]  # a record as sinks read it back
 Writable = RecordObject | Record  # what sinks take
 
-__all__ = ["RECORD_FIELDS", "Record", "SINKS", "Sink", "Writable", "create_sink", "is_stream", "read_records",
-           "sink_kind"]
+__all__ = ["RECORD_FIELDS", "Record", "SINKS", "Sink", "Writable", "check_still_there", "create_sink", "is_stream",
+           "read_records", "sink_kind"]
 
 
 class Sink(ABC):
@@ -111,6 +111,25 @@ def sink_kind(path: str) -> str:
     if lower.endswith(SQLITE_SUFFIXES):
         return "sqlite"
     raise ConfigError(f"expected an output ending in .jsonl or .sqlite, or '-' for stdout, got {path!r}")
+
+
+def check_still_there(path: str, identity: tuple[int, int]) -> None:
+    """Raise ``SinkError`` unless ``path`` is still the file of ``identity`` (st_dev, st_ino).
+
+    An output removed or replaced while a job writes it (a cleanup script, a log rotation)
+    would take every later record with it, silently: the job would end "finished" with
+    nothing at its path.
+    """
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        what = "removed"
+    else:
+        if (now.st_dev, now.st_ino) == identity:
+            return
+        what = "replaced by another file"
+    raise SinkError(f"expected {path!r} to stay this job's output, but it was {what} while the job ran: "
+                    "what it wrote is no longer there; run the job again to write those records")
 
 
 def create_sink(path: str) -> Sink:

@@ -11,7 +11,7 @@ import tempfile
 from typing import IO, Iterable, Iterator
 
 from wanwu.errors import SinkError
-from wanwu.stages.sinks.base import STDOUT, Record, Sink, Writable, is_stream
+from wanwu.stages.sinks.base import STDOUT, Record, Sink, Writable, check_still_there, is_stream
 from wanwu.stages.sinks.records import dumps, normalise, unique_new
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,9 @@ class JsonlSink(Sink):
                 raise SinkError(f"cannot open {self.path!r} for writing: {exc}") from exc
         if self._file is None or self._broken:
             raise SinkError(f"cannot write to {self.path!r}: {self._broken or 'open() it first'}")
+        if not self._stream:
+            mine = os.fstat(self._file.fileno())
+            check_still_there(self.path, (mine.st_dev, mine.st_ino))
         batch = unique_new(records, self._keys if self._keys is not None else set())
         if not batch:
             return

@@ -9,7 +9,7 @@ import sqlite3
 from typing import Any, Iterable
 
 from wanwu.errors import SinkError
-from wanwu.stages.sinks.base import RECORD_FIELDS, Record, Sink, Writable
+from wanwu.stages.sinks.base import RECORD_FIELDS, Record, Sink, Writable, check_still_there
 from wanwu.stages.sinks.records import dumps, top_label, unique_new
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class SqliteSink(Sink):
         super().__init__(path)
         self.fsync = fsync  # synchronous=FULL: every commit reaches the disk
         self._conn: sqlite3.Connection | None = None  # set by open()
+        self._identity = (0, 0)  # (st_dev, st_ino) of the database file, at open()
 
     def open(self, ledger: bool = True) -> set[str]:
         """Create or reopen the database; return the keys it holds (none without ``ledger``).
@@ -77,10 +78,14 @@ class SqliteSink(Sink):
             conn = _connect(self.path)
             try:
                 _prepare(conn, self.path, self.fsync)
+                opened = os.stat(self.path)
+            except OSError as exc:
+                conn.close()
+                raise SinkError(f"cannot open {self.path!r}: {exc}") from exc
             except SinkError:
                 conn.close()
                 raise
-            self._conn = conn
+            self._conn, self._identity = conn, (opened.st_dev, opened.st_ino)
         self.prior_errors = _count_errors(self._conn, self.path)
         return _keys(self._conn, self.path) if ledger else set()
 
@@ -95,6 +100,7 @@ class SqliteSink(Sink):
         """
         if self._conn is None:
             raise SinkError(f"cannot write to {self.path!r}: open() it first")
+        check_still_there(self.path, self._identity)
         # The database ignores keys it holds; unique_new only drops repeats within
         # this batch, so no set of millions of keys is kept in memory.
         try:
