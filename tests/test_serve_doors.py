@@ -282,6 +282,42 @@ def test_stream_request_errors_become_error_records(backend, ctx, images, tmp_pa
     assert second["key"] == "second.jpg" and top_class(second) in CAT_CLASSES
 
 
+def test_stream_records_that_cannot_be_written_are_kept_and_the_door_stops_taking_images(backend, ctx, images,
+                                                                                        tmp_path):
+    """A full disk under --out: the door holds the records it could not write, tries again,
+    and reads no new images meanwhile (at most its threads' worth are in flight), so senders
+    wait at their high-water mark. Once the disk has room, every image has its record, once."""
+    written = Collector()
+    calls: list[int] = []
+    disk_full = threading.Event()
+    disk_full.set()
+
+    def on_records(records):
+        calls.append(len(records))
+        if disk_full.is_set():
+            raise OSError(28, "No space left on device")
+        written(records)
+
+    door = ZmqDoor(backend, stream_addr=f"ipc://{tmp_path}/s", on_records=on_records, threads=2)
+    address = door.start()["stream"]
+    push = ctx.socket(zmq.PUSH)
+    push.connect(address)
+    names = [f"s/{i:02d}.jpg" for i in range(12)]
+    try:
+        for name in names:
+            push.send_multipart([name.encode(), images["chelsea"]])
+        deadline = time.monotonic() + 30
+        while len(calls) < 3 and time.monotonic() < deadline:  # three failed tries
+            time.sleep(0.05)
+        assert len(calls) >= 3 and max(calls) <= 2, calls  # never more than the threads' worth taken
+        disk_full.clear()
+        records = written.wait_for(len(names))
+    finally:
+        push.close(0)
+        door.shutdown()
+    assert sorted(r["key"] for r in records) == names and all(top_class(r) in CAT_CLASSES for r in records)
+
+
 # --- CURVE
 
 

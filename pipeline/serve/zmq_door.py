@@ -57,6 +57,9 @@ _LINGER_MS = 1000  # on shutdown, give replies already queued this long to leave
 _POLL_MS = 500  # the I/O thread is woken explicitly; this is only a safety net
 _READ_BURST = 64  # messages read per socket per loop, so replies are not held back
 STREAM_PREFIX = "zmq-"  # keys of unnamed stream images: zmq-1, zmq-2, ...
+# A failed write of stream records (a full disk) is tried again after this, doubling up to the
+# most: meanwhile the door takes no new images, so senders wait at their high-water mark.
+WRITE_RETRY_S, WRITE_RETRY_MAX_S = 0.5, 10.0
 
 
 class ZmqDoor:
@@ -392,18 +395,37 @@ class ZmqDoor:
 
         Group commit: records that arrive while a call runs are written together by the
         next one, so a durable sink syncs once per group rather than once per image.
+
+        A fire-and-forget sender cannot be told of a failed write, so a failed group is
+        kept and tried again (``WRITE_RETRY_S``, doubling) until it is written. The images
+        waiting on it stay in flight meanwhile, which stops the door from reading new ones
+        (``_accepting``): the senders wait at their high-water mark and nothing is lost.
+        Only when the door closes while writes still fail are records given up, with an error.
         """
+        assert self.on_records is not None
         with self._pending_lock:
             self._pending.extend(records)
+        delay = WRITE_RETRY_S
         with self._write_lock:
-            with self._pending_lock:
-                group, self._pending = self._pending, []
-            if group:
-                assert self.on_records is not None
+            while True:
+                with self._pending_lock:
+                    group, self._pending = self._pending, []
+                if not group:
+                    return
                 try:
                     self.on_records(group)
-                except Exception:
-                    logger.exception("ZeroMQ door: on_records failed; %d stream records were not written", len(group))
+                    return
+                except Exception as exc:
+                    if self._stopping.is_set():
+                        logger.exception("ZeroMQ door closing: %d stream records could not be written and are "
+                                         "lost", len(group))
+                        return
+                    logger.error("ZeroMQ door: %d stream records could not be written (%s); trying again in "
+                                 "%.1f s, taking no new images meanwhile", len(group), exc, delay)
+                    with self._pending_lock:
+                        self._pending[:0] = group
+                    self._stopping.wait(delay)  # a closing door tries once more at once
+                    delay = min(WRITE_RETRY_MAX_S, delay * 2)
 
     def _post(self, kind: str, frames: list[bytes] | None) -> None:
         self._finished.put((kind, frames))
