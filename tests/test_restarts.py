@@ -3,6 +3,7 @@ they held is sent again, so a job finishes with exactly one record per input."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -67,19 +68,27 @@ def test_a_decoder_killed_twice_holding_the_same_image_costs_only_that_image(fol
     assert "restarted 2 worker process(es)" in stderr
 
 
+def job_with_records(out: Path, n: int, *args: str) -> subprocess.Popen:
+    """``wanwu run ARGS --out OUT`` in a session of its own, once ``n`` records are in ``out``."""
+    proc = subprocess.Popen(wanwu_cmd("run", *args, "--out", str(out), "--progress", "none"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while count_lines(out) < n:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):  # what is left of its session
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"expected {n} records within 120 s: {proc.communicate()}")
+        time.sleep(0.05)
+    return proc
+
+
 def test_a_killed_inference_process_is_replaced_and_every_record_is_written_once(tmp_path, photos):
     folder = tmp_path / "photos"
     keys = make_corpus(folder, photos, 120)
     out = tmp_path / "r.jsonl"
     stats = tmp_path / "stats.json"
-    proc = subprocess.Popen(wanwu_cmd("run", str(folder), "--out", str(out), "--progress", "none", "--batch-size",
-                                      "8", "--stats-json", str(stats)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = job_with_records(out, 16, str(folder), "--batch-size", "8", "--stats-json", str(stats))
     try:
-        deadline = time.monotonic() + 120
-        while count_lines(out) < 16:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
         (inference,) = worker_pids(proc.pid, "inference")
         decoders = set(worker_pids(proc.pid, "decoder"))
         os.kill(inference, signal.SIGKILL)
@@ -101,14 +110,8 @@ def test_a_stuck_loader_or_sink_ends_the_job_with_the_reason_instead_of_hanging(
     them), the watchdog kills it after --stall-timeout-s and the job fails (exit 1), saying
     which and why, and leaves no process behind; before, it waited for ever."""
     out = tmp_path / "r.jsonl"
-    proc = subprocess.Popen(wanwu_cmd("run", "testsrc:fps=25", "--out", str(out), "--progress", "none",
-                                      "--batch-size", "4", "--stall-timeout-s", "3"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = job_with_records(out, 8, "testsrc:fps=25", "--batch-size", "4", "--stall-timeout-s", "3")
     try:
-        deadline = time.monotonic() + 120
-        while count_lines(out) < 8:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
         (stuck,) = worker_pids(proc.pid, role)
         os.kill(stuck, signal.SIGSTOP)
         frozen_at = time.monotonic()
