@@ -96,9 +96,9 @@ class ServeConfig(PipelineConfig):
         if self.out and is_stream(self.out):
             raise ConfigError(f"expected a regular file for out (the ledger that keeps the stream and hot-folder "
                               f"doors exactly-once across restarts), got {self.out!r}, which is not one")
-        if STDOUT in (self.out, self.camera_out):
-            raise ConfigError("expected a file for out and camera_out, got '-': the daemon's stdout carries "
-                              "the line saying where its doors listen")
+        if self.camera_out == STDOUT:
+            raise ConfigError("expected a file for camera_out, got '-': the daemon's stdout carries the line "
+                              "saying where its doors listen")
         self.camera_urls()  # validates the cameras
         if self.cameras and not self.camera_out:
             raise ConfigError("cameras write records: expected camera_out (.jsonl or .sqlite)")

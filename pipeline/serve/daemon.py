@@ -21,9 +21,9 @@ from typing import Iterable
 from wanwu.errors import ConfigError
 from wanwu.pipeline.serve.config import ServeConfig
 from wanwu.records import Record
-from wanwu.stages.decoders.base import max_encoded_bytes
 from wanwu.pipeline.serve.dispatch import PipelineBackend
 from wanwu.pipeline.serve.metrics import ServeMetrics
+from wanwu.stages.decoders.base import max_encoded_bytes
 from wanwu.stages.sinks.base import Sink, create_sink
 from wanwu.stages.sinks.records import free_key
 

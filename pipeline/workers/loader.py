@@ -213,7 +213,7 @@ class LoaderWorker(Worker):
         self.items = self.emitted
         try:
             with self.busy():
-                data = self.sources[index].read(item, self.max_bytes)  # raises ReadError for missing or empty inputs
+                data = self.sources[index].read(item, self.max_bytes)  # ReadError: missing, empty, too large
         except ReadError as exc:
             self._forward([Record.failure(key, item.source, self.plan.model_name, exc, t0)])
             return
