@@ -184,7 +184,7 @@ def test_records_stream_to_stdout_with_out_dash(tmp_path):
     assert sorted(r["key"] for r in records) == sorted(p.name for p in (REPO / "samples").glob("*.jpg"))
     by_key = {r["key"]: r for r in records}
     assert by_key["猫 chelsea.jpg"]["labels"][0]["class_id"] in CAT_CLASSES
-    assert "finished: 4 recognised" in proc.stderr
+    assert "finished: 4 recognised" in proc.stderr and "-> stdout" in proc.stderr
     assert list(tmp_path.iterdir()) == []  # no file named "-"
     shown = run_wanwu("show", "-", input=proc.stdout, timeout=60)  # `wanwu run ... -o - | wanwu show -`
     assert shown.returncode == 0 and len(shown.stdout.splitlines()) == 4 and "埃及猫" in shown.stdout, shown.stderr

@@ -88,7 +88,7 @@ class JobResult:
         earlier += f", {self.retried} tried again after an error" if self.retried else ""
         lines = [
             f"wanwu: {self.status}: {self.ok} recognised, {self.errors} errors{earlier} "
-            f"in {self.elapsed_s:.1f} s ({self.images_per_s:.1f} images/s) -> {out}"
+            f"in {self.elapsed_s:.1f} s ({self.images_per_s:.1f} images/s) -> {'stdout' if out == '-' else out}"
         ]
         if self.busy:
             lines.append("busy share: " + ", ".join(f"{k} {v:.0%}" for k, v in sorted(self.busy.items())))
