@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -263,6 +264,20 @@ def wanwu_cmd(*args: str) -> list[str]:
 def run_wanwu(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """Run the real CLI in a child process."""
     return subprocess.run(wanwu_cmd(*args), capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def run_on_a_full_disk(folder: Path, size: str, *args: str, then: str = "") -> subprocess.CompletedProcess:
+    """``wanwu ARGS`` with a tmpfs of ``size`` (``128k``) mounted at ``folder``, in a user and mount
+    namespace of the test's own, so that the disk under it fills up for real; ``then`` runs after
+    it in the same namespace (the tmpfs is gone once it ends). Skips where namespaces are off."""
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs `unshare -rm` (user and mount namespaces) to mount a small tmpfs")
+    folder.mkdir(parents=True, exist_ok=True)
+    command = " ".join(shlex.quote(a) for a in wanwu_cmd(*args))
+    after = f"{then}; " if then else ""
+    mount = f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(folder))}"
+    script = f"{mount} && {command}; status=$?; {after}exit $status"
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300)
 
 
 # --- 万物识别 (ModelScope general recognition) stand-ins: the real weights cannot be downloaded here.

@@ -229,21 +229,12 @@ def test_a_cache_on_a_full_disk_costs_speed_never_the_job(tmp_path, photos):
     """The cache lives on a 128 KiB tmpfs (mounted in a user and mount namespace of the test's
     own): it opens, then its disk fills up after a few dozen answers. Every image still gets
     its record, the job ends 0, and the warning says why answers are not kept."""
-    import subprocess
+    from conftest import make_corpus, run_on_a_full_disk
 
-    from conftest import make_corpus, wanwu_cmd
-
-    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
-        pytest.skip("needs `unshare -rm` (user and mount namespaces) to mount a small tmpfs")
     keys = make_corpus(tmp_path / "in", photos, 100)
     cache, out = tmp_path / "cache", tmp_path / "r.jsonl"
-    cache.mkdir()
-    command = " ".join(f"'{a}'" for a in wanwu_cmd("run", str(tmp_path / "in"), "--out", str(out), "--cache",
-                                                    str(cache), "--progress", "none", "--stats-json",
-                                                    str(tmp_path / "stats.json")))
-    mount = f"mount -t tmpfs -o size=128k tmpfs '{cache}'"
-    proc = subprocess.run(["unshare", "-rm", "sh", "-c", f"{mount} && exec {command}"],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_on_a_full_disk(cache, "128k", "run", str(tmp_path / "in"), "--out", str(out), "--cache", str(cache),
+                              "--progress", "none", "--stats-json", str(tmp_path / "stats.json"))
     assert proc.returncode == 0, proc.stderr
     records = read_records(str(out))
     assert sorted(r["key"] for r in records) == sorted(keys) and all(r["error"] is None for r in records)

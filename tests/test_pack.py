@@ -176,6 +176,18 @@ def _square_or_fail(x: int) -> int:
     return x * x
 
 
+def test_a_full_disk_fails_the_pack_with_the_reason_and_leaves_nothing(folder: Path, tmp_path: Path) -> None:
+    from conftest import run_on_a_full_disk
+
+    disk = tmp_path / "disk"
+    proc = run_on_a_full_disk(disk, "64k", "pack", str(folder), str(disk / "photos.lmdb"),
+                              then=f"echo left: $(ls -A {disk})")
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot write the archive" in proc.stderr and "is its disk full?" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "left:", proc.stdout  # no staging copy left behind
+
+
 def test_bounded_map_keeps_order_and_surfaces_failures() -> None:
     with bounded_map(_square_or_fail, iter(range(50)), processes=2, in_flight=8, chunksize=2) as results:
         assert list(results) == [x * x for x in range(50)]

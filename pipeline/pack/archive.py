@@ -7,7 +7,7 @@ import os
 
 import lmdb
 
-from wanwu.errors import ConfigError
+from wanwu.errors import ConfigError, StageError
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ class ArchiveWriter:
 
         A stored key keeps its first value. When the map is full, it doubles and
         the whole batch is retried (the failed transaction stored nothing).
+
+        Raises:
+            StageError: the disk refused the write (full, failing): the message says where.
         """
         if not batch:
             return []
@@ -47,6 +50,8 @@ class ArchiveWriter:
                 size = self._env.info()["map_size"] * 2
                 logger.info("%s is full; growing its map to %d bytes", self.path, size)
                 self._env.set_mapsize(size)
+            except lmdb.Error as exc:  # LMDB reports a full disk as ENOSPC or, from its commit, EIO
+                raise StageError(f"cannot write the archive at {self.path!r} (is its disk full?): {exc}") from exc
 
     def close(self, sync: bool = True) -> None:
         """Flush everything to disk (unless ``sync`` is False) and close. Safe to call twice."""
@@ -54,6 +59,8 @@ class ArchiveWriter:
             try:
                 if sync:
                     self._env.sync(True)
+            except lmdb.Error as exc:
+                raise StageError(f"cannot write the archive at {self.path!r} (is its disk full?): {exc}") from exc
             finally:
                 self._env.close()
                 self._env = None
