@@ -17,7 +17,7 @@ whose worker died twice, a front door for a request it could not serve.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, NamedTuple, Protocol, Sequence
 
 import numpy as np
@@ -103,6 +103,12 @@ class Record:
             out.append(cls(item.key, item.source, item.width, item.height, labels, model,
                            round((now - item.t0) * 1000.0, 3)))
         return out
+
+    def shared_with(self, key: str, source: str, t0: float) -> "Record":
+        """This answer for an identical image under another name (a twin that waited on it): its own
+        key, source and time since ``t0``; ``cached``, as a cache hit is, unless it is an error."""
+        return replace(self, key=key, source=source, elapsed_ms=round((time.time() - t0) * 1000.0, 3),
+                       cached=self.error is None)
 
     @classmethod
     def failure(cls, key: str, source: str, model: str, exc: BaseException, t0: float,

@@ -11,8 +11,7 @@ Each image looked up counts once: a hit or a miss (``hits + misses`` = images).
 from __future__ import annotations
 
 import threading
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from wanwu.records import Record
@@ -92,9 +91,7 @@ class Twins:
         """The twins of ``content``, now answered: (request, index, record under its own key)."""
         with self._lock:
             twins = self._waiting.pop(content, [])
-        return [(t.request, t.index, replace(record, key=t.key, source=t.request.source,
-                                             elapsed_ms=round((time.time() - t.t0) * 1000.0, 3),
-                                             cached=record.error is None)) for t in twins]
+        return [(t.request, t.index, record.shared_with(t.key, t.request.source, t.t0)) for t in twins]
 
     def given_up(self, content: bytes) -> Twin | None:
         """The image in flight for ``content`` was given up: the first twin still wanted, to send instead."""

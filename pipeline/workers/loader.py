@@ -279,8 +279,7 @@ class LoaderWorker(Worker):
             if not isinstance(content, _Content):
                 continue
             self.in_flight_content.pop(content.digest, None)
-            records += [replace(record, key=key, source=source, elapsed_ms=round((time.time() - t0) * 1000.0, 3),
-                                cached=record.error is None) for key, source, t0 in content.twins]
+            records += [record.shared_with(key, source, t0) for key, source, t0 in content.twins]
         return records
 
     def _fail(self, entries: list[Entry]) -> None:
